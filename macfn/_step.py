@@ -1,0 +1,287 @@
+"""The pure MAC step: running statistics, preconditioning and the momentum-SGD base update."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypedDict
+
+import torch
+from torch import Tensor
+
+from . import _kernels
+from ._capture import bias_name_for
+from ._config import MACConfig
+
+
+class MACState(TypedDict):
+    """Optimiser state: a plain dict of tensors, so ``torch.save`` and
+    ``torch.load(weights_only=True)`` round-trip it.
+
+    Keys:
+        step: int64 scalar, the number of steps taken.
+        momentum: ``{param_name: buffer}``, shape and dtype of the parameter; empty when
+            ``momentum == 0``.
+        mean_activation: ``{weight_name: [blocks, d]}`` running mean activation ``m`` before
+            bias correction, float32 (float64 for float64 parameters).
+        stat_count: ``{weight_name: int64 scalar}``, the statistics updates ``k`` folded into
+            ``m``; the preconditioner uses ``m / (1 - stat_decay^k)``.
+    """
+
+    step: Tensor
+    momentum: dict[str, Tensor]
+    mean_activation: dict[str, Tensor]
+    stat_count: dict[str, Tensor]
+
+
+def init(
+    params: Mapping[str, Tensor],
+    config: MACConfig | None = None,
+    stats: Mapping[str, Tensor] | None = None,
+) -> MACState:
+    """Create the optimiser state for ``params``.
+
+    Args:
+        params: Parameters keyed by ``model.named_parameters()`` names.
+        config: Hyperparameters; ``MACConfig()`` when None.
+        stats: Optional statistics from :func:`macfn.grad_and_stats` (any batch). Their keys
+            and shapes create zero running averages up front, so the state keeps one structure
+            from the first step on and a compiled step is not recompiled when the first
+            statistics arrive. Their values are not used.
+
+    Returns:
+        A :class:`MACState` on the parameters' devices.
+    """
+    config = MACConfig() if config is None else config
+    _check_config(config)
+    first = next(iter(params.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    state: MACState = {
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+        "momentum": {},
+        "mean_activation": {},
+        "stat_count": {},
+    }
+    if config.momentum > 0:
+        state["momentum"] = {name: torch.zeros_like(p) for name, p in params.items()}
+    if stats is not None:
+        _check_stats(params, stats)
+        for name, batch_mean in stats.items():
+            state["mean_activation"][name] = torch.zeros_like(batch_mean)
+            state["stat_count"][name] = torch.zeros((), dtype=torch.int64, device=batch_mean.device)
+    return state
+
+
+def step(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor | None],
+    stats: Mapping[str, Tensor] | None = None,
+    state: MACState | None = None,
+    config: MACConfig | None = None,
+    *,
+    lr: float | Tensor | None = None,
+) -> tuple[dict[str, Tensor], MACState]:
+    """Take one MAC step; a pure function of its inputs.
+
+    For a preconditioned layer with gradient ``G`` (``[d_out, d]``, bias gradient as last
+    column), running mean activation ``abar`` (bias corrected) and ``rho = damping``:
+
+        Ghat  = G - (G abar) abar^T / (rho + |abar|^2)      ("exact": Ghat / rho)
+        d     = Ghat + wd * theta                           (L2 after preconditioning)
+        buf   = mu * buf + d;  d = buf  (Nesterov: d = d + mu * buf)
+        theta = theta - lr * d
+
+    Every other parameter takes the same update with ``Ghat = G`` (momentum SGD). This is
+    MAC as stated by Seung, Lee and Ko (2025, arXiv 2506.08464); L2 after preconditioning
+    and the decoupled damping are the authors' code.
+
+    Args:
+        params: Parameters keyed by name. Never modified.
+        grads: A gradient for every key of ``params``; ``None`` leaves that parameter and
+            its momentum unchanged. Never modified.
+        stats: New batch mean activations from :func:`macfn.grad_and_stats`, or None to
+            reuse the running averages (refresh statistics every ``T_cov`` steps this way).
+        state: From :func:`init` or a previous step; None creates it.
+        config: Hyperparameters; ``MACConfig()`` when None.
+        lr: Learning rate for this step, overriding ``config.lr``. Pass a 0-dim tensor in
+            compiled code so that a changing value does not trigger recompilation.
+
+    Returns:
+        ``(new_params, new_state)``; the inputs are left as they were.
+
+    Raises:
+        ValueError: Unknown or missing parameter names, or shapes that do not match.
+    """
+    config = MACConfig() if config is None else config
+    _check_config(config)
+    _check_grads(params, grads)
+    if stats is not None:
+        _check_stats(params, stats)
+    if state is None:
+        state = init(params, config, stats)
+    _check_state(params, state, config)
+    rate = config.lr if lr is None else lr
+    if not isinstance(rate, Tensor) and rate < 0:
+        raise ValueError(f"Invalid lr={rate!r}: the learning rate must be >= 0.")
+
+    mean_activation, stat_count = _update_statistics(state, stats, config.stat_decay)
+    directions = _precondition_all(params, grads, mean_activation, stat_count, config)
+
+    new_params: dict[str, Tensor] = {}
+    new_momentum = dict(state["momentum"])
+    for name, theta in params.items():
+        direction = directions.get(name)
+        if direction is None:
+            new_params[name] = theta
+            continue
+        if config.weight_decay and not config.decoupled_weight_decay:
+            direction = direction + config.weight_decay * theta
+        if config.momentum > 0:
+            buffer = state["momentum"][name] * config.momentum + direction
+            new_momentum[name] = buffer
+            direction = direction + config.momentum * buffer if config.nesterov else buffer
+        if config.weight_decay and config.decoupled_weight_decay:
+            theta = theta - (rate * config.weight_decay) * theta
+        new_params[name] = theta - rate * direction
+
+    new_state: MACState = {
+        "step": state["step"] + 1,
+        "momentum": new_momentum,
+        "mean_activation": mean_activation,
+        "stat_count": stat_count,
+    }
+    return new_params, new_state
+
+
+def _update_statistics(
+    state: MACState, stats: Mapping[str, Tensor] | None, stat_decay: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    mean_activation = dict(state["mean_activation"])
+    stat_count = dict(state["stat_count"])
+    for name, batch_mean in (stats or {}).items():
+        running = mean_activation.get(name)
+        if running is None:
+            running = torch.zeros_like(batch_mean)
+            stat_count[name] = torch.zeros((), dtype=torch.int64, device=batch_mean.device)
+        elif running.shape != batch_mean.shape:
+            raise ValueError(
+                f"Invalid stats['{name}'] of shape {tuple(batch_mean.shape)}: the running mean activation in "
+                f"the state has shape {tuple(running.shape)}; pass statistics from the same model."
+            )
+        mean_activation[name] = _kernels.update_running_mean(running, batch_mean, stat_decay)
+        stat_count[name] = stat_count[name] + 1
+    return mean_activation, stat_count
+
+
+def _precondition_all(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor | None],
+    mean_activation: Mapping[str, Tensor],
+    stat_count: Mapping[str, Tensor],
+    config: MACConfig,
+) -> dict[str, Tensor]:
+    """Return the preconditioned gradient of every parameter that has a gradient."""
+    directions = {name: g for name, g in grads.items() if g is not None}
+    for weight_name, running in mean_activation.items():
+        grad_weight = grads.get(weight_name)
+        if grad_weight is None:
+            continue
+        blocks, d = running.shape
+        out_rows = grad_weight.shape[0]
+        rows = grad_weight.reshape(out_rows, -1)
+        bias_name = bias_name_for(weight_name) if d == rows.shape[1] + 1 else None
+        if bias_name is not None:
+            grad_bias = grads.get(bias_name)
+            bias_column = torch.zeros_like(rows[:, :1]) if grad_bias is None else grad_bias.reshape(out_rows, 1)
+            rows = torch.cat([rows, bias_column.to(rows.dtype)], dim=1)
+
+        abar = _kernels.bias_corrected_mean(running, stat_count[weight_name], config.stat_decay)
+        blocked = rows.reshape(blocks, out_rows // blocks, d)
+        result = _kernels.precondition(blocked, abar, config.damping, config.damping_form).reshape(out_rows, d)
+
+        if bias_name is not None:
+            if grads.get(bias_name) is not None:
+                directions[bias_name] = result[:, -1].reshape(params[bias_name].shape)
+            result = result[:, :-1]
+        directions[weight_name] = result.reshape(grad_weight.shape)
+    return directions
+
+
+# Checks at the public boundary. They read only names and shapes, so in compiled code they
+# run while tracing and add nothing to the graph.
+
+
+def _check_config(config: object) -> None:
+    if not isinstance(config, MACConfig):
+        raise TypeError(f"Invalid config of type {type(config).__name__}: expected macfn.MACConfig.")
+
+
+def _check_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]) -> None:
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise ValueError(
+            f"Invalid grads: no parameter named {', '.join(map(repr, unknown))}; valid names are the keys of "
+            "params (model.named_parameters() names)."
+        )
+    missing = sorted(set(params) - set(grads))
+    if missing:
+        raise ValueError(
+            f"Missing grads for {', '.join(map(repr, missing))}: pass a gradient for every parameter, or None to "
+            "leave a parameter unchanged."
+        )
+    for name, g in grads.items():
+        if g is not None and g.shape != params[name].shape:
+            raise ValueError(
+                f"Invalid grads['{name}'] of shape {tuple(g.shape)}: the parameter has shape "
+                f"{tuple(params[name].shape)}."
+            )
+
+
+def _check_stats(params: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> None:
+    for name, batch_mean in stats.items():
+        weight = params.get(name)
+        if weight is None:
+            raise ValueError(
+                f"Invalid stats: no parameter named '{name}'; statistics are keyed by the weight names that "
+                "macfn.grad_and_stats returns, which must be keys of params."
+            )
+        if batch_mean.dim() != 2 or weight.dim() < 2:
+            raise ValueError(
+                f"Invalid stats['{name}'] of shape {tuple(batch_mean.shape)} for a parameter of shape "
+                f"{tuple(weight.shape)}: expected [blocks, d] statistics for a weight with at least 2 dimensions."
+            )
+        blocks, d = batch_mean.shape
+        row_length = weight[0].numel() if weight.shape[0] else 0
+        if blocks == 0 or weight.shape[0] % blocks:
+            raise ValueError(
+                f"Invalid stats['{name}'] with {blocks} blocks: the weight's {weight.shape[0]} output rows must "
+                "split into that many equal blocks."
+            )
+        if d == row_length + 1:
+            bias_name = bias_name_for(name)
+            bias = params.get(bias_name)
+            if bias is None or bias.numel() != weight.shape[0]:
+                raise ValueError(
+                    f"Invalid stats['{name}'] of shape {tuple(batch_mean.shape)}: its last column is a bias input, "
+                    f"but params has no bias '{bias_name}' with {weight.shape[0]} entries."
+                )
+        elif d != row_length:
+            raise ValueError(
+                f"Invalid stats['{name}'] of shape {tuple(batch_mean.shape)}: a weight of shape "
+                f"{tuple(weight.shape)} needs {row_length} columns ({row_length + 1} with a bias)."
+            )
+
+
+def _check_state(params: Mapping[str, Tensor], state: MACState, config: MACConfig) -> None:
+    expected_keys = {"step", "momentum", "mean_activation", "stat_count"}
+    if not isinstance(state, Mapping) or set(state) != expected_keys:
+        found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"Invalid state with keys {found}: expected the dict made by macfn.init.")
+    if config.momentum > 0:
+        missing = sorted(set(params) - set(state["momentum"]))
+        unexpected = sorted(set(state["momentum"]) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"Invalid state: momentum buffers are missing for {missing} and unexpected for {unexpected}; "
+                "build the state with macfn.init from the same params."
+            )
+    _check_stats(params, state["mean_activation"])

@@ -1,0 +1,1 @@
+"""Symbolic checks of the algebra behind the MAC preconditioner."""
