@@ -9,11 +9,11 @@ closed form, so the exact preconditioned gradient is
 ``G (rho I + a a^T)^-1 = G P / rho`` with the decoupled preconditioner
 ``P = I - a a^T / (rho + |a|^2)``.
 
-Each ``prove_*`` function builds its objects from SymPy symbols, reduces the
+Each ``prove_*`` function builds its objects from SymPy symbols and reduces the
 difference between the two sides of every equation to a canonical rational
-function, and returns a ``SymbolicResult`` whose ``proved`` field is True only
-when every difference is zero and every inequality follows from SymPy's
-assumptions. A check at a fixed size proves the claim for that size only.
+function. It returns a ``SymbolicResult`` whose ``proved`` field is True only
+when every difference is zero and SymPy's assumptions prove every inequality.
+A check at a fixed size proves the claim for that size only.
 ``prove_sherman_morrison_general`` covers every dimension through the
 rank-one algebra ``A^2 = (a^T a) A``.
 
@@ -286,7 +286,9 @@ def row_stochastic_matrix(name: str, size: int) -> SymMatrix:
     """
     rows = []
     for i in range(size):
-        free = [sympy.Symbol(f"{name}_{i + 1}_{j + 1}", real=True) for j in range(size - 1)]
+        free = [
+            sympy.Symbol(f"{name}_{i + 1}_{j + 1}", real=True) for j in range(size - 1)
+        ]
         rows.append([*free, 1 - sum(free)])
     return sympy.Matrix(rows)
 
@@ -346,13 +348,17 @@ def gradient_matrix(loss: SymExpr, parameters: SymMatrix) -> SymMatrix:
     return sympy.Matrix(rows, cols, lambda i, j: sympy.diff(loss, parameters[i, j]))
 
 
-def _result(claim: str, source: Source, failures: list[str], sizes: str) -> SymbolicResult:
+def _result(
+    claim: str, source: Source, failures: list[str], sizes: str
+) -> SymbolicResult:
     """Package the failed sub-check names into a ``SymbolicResult``."""
     if failures:
         detail = f"{sizes}; failed: {', '.join(failures)}"
     else:
         detail = f"{sizes}; all sub-checks held"
-    return SymbolicResult(claim=claim, source=source, proved=not failures, detail=detail)
+    return SymbolicResult(
+        claim=claim, source=source, proved=not failures, detail=detail
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def prove_sherman_morrison(
 ) -> SymbolicResult:
     """Check the Sherman-Morrison inverse of ``rho I + a a^T`` for small dimensions.
 
-    For every ``n`` in ``1..max_dim`` the vector ``a`` holds ``n`` real
+    For every ``n`` in ``1..max_dim`` the vector ``a`` contains ``n`` real
     symbols and ``rho`` is a positive symbol. The products of
     ``rho I + a a^T`` with the candidate on both sides must cancel to ``I``.
 
@@ -438,7 +444,10 @@ def prove_sherman_morrison_general(
 
 
 def _orthogonal_basis(mean: SymMatrix) -> list[SymMatrix]:
-    """Build ``a_n e_k - a_k e_n`` for ``k < n``, a basis of ``a``'s complement when ``a_n != 0``."""
+    """Build ``a_n e_k - a_k e_n`` for ``k < n``.
+
+    The vectors span the orthogonal complement of ``a`` when ``a_n != 0``.
+    """
     size = mean.shape[0]
     basis = []
     for k in range(size - 1):
@@ -452,7 +461,7 @@ def _orthogonal_basis(mean: SymMatrix) -> list[SymMatrix]:
 def _check_spectrum_at(
     size: int, rho: SymExpr, preconditioner: InverseFormula
 ) -> list[str]:
-    """Run every decoupled-spectrum sub-check for one dimension and list the failures."""
+    """Run the decoupled-spectrum sub-checks at one dimension and list failures."""
     failures: list[str] = []
     mean = symbol_vector("a", size)
     norm_squared = squared_norm(mean)
@@ -564,7 +573,9 @@ def prove_kronecker_bridge(
 
     With ``F = (a a^T + rho I) kron I_{d_out}`` and the Sherman-Morrison
     ``M``, the product ``F (M kron I)`` is the identity, so
-    ``F^-1 vec(G) = (M kron I) vec(G) = vec(G M)``.
+    ``F^-1 vec(G) = (M kron I) vec(G) = vec(G M)``. The paper states the
+    Fisher-block form. The two flatten identities are standard Kronecker
+    algebra that ties it to torch's row-major layout of ``G``.
 
     Args:
         d_out: The number of rows of ``G``.
@@ -582,7 +593,9 @@ def prove_kronecker_bridge(
     product = gradient * factor
 
     column_operator = sympy.kronecker_product(factor.T, out_identity)
-    if not matrices_equal(column_vec(product), column_operator * column_vec(gradient)):
+    if not matrices_equal(
+        column_vec(product), column_operator * column_vec(gradient)
+    ):
         failures.append("vec(G M) = (M^T kron I) vec(G)")
 
     row_operator = sympy.kronecker_product(out_identity, factor.T)
@@ -612,7 +625,9 @@ def prove_kronecker_bridge(
     )
 
 
-ValueGradientFormula: TypeAlias = Callable[[SymMatrix, SymMatrix, SymMatrix], SymMatrix]
+ValueGradientFormula: TypeAlias = Callable[
+    [SymMatrix, SymMatrix, SymMatrix], SymMatrix
+]
 MeanWeights: TypeAlias = Callable[[SymMatrix], SymMatrix]
 
 
@@ -631,7 +646,7 @@ def prove_attention_value_identity(
     differentiates ``L = sum(dO * O)`` in every entry of ``W_V`` and compares
     with ``(S X)^T dO``, so the effective input of the value projection is
     ``S X``. The mean row ``(1/N) 1^T S X`` must equal ``sbar^T X`` where
-    ``sbar`` holds the column means of ``S``, and ``sbar`` must sum to 1.
+    ``sbar`` contains the column means of ``S``, and ``sbar`` must sum to 1.
 
     Args:
         n_tokens: The number of tokens ``N``.
