@@ -20,6 +20,7 @@ Functional use::
     params, state = macfn.step(params, grads, stats, state, config)
 """
 
+from ._attention import AttentionDeclaration, attention_key_weights, declare_attention
 from ._capture import (
     GradAndStats,
     LayerSpec,
@@ -29,20 +30,27 @@ from ._capture import (
     find_layers,
     grad_and_stats,
 )
-from ._config import MACConfig
+from ._config import BaseUpdate, MACConfig
 from ._step import MACState, init, step
+from . import distributed, optim
 
 __all__ = [
+    "AttentionDeclaration",
+    "BaseUpdate",
     "GradAndStats",
     "LayerSpec",
     "MACConfig",
     "MACState",
     "Stats",
     "StatsRecorder",
+    "attention_key_weights",
     "bias_name_for",
+    "declare_attention",
+    "distributed",
     "find_layers",
     "grad_and_stats",
     "init",
+    "optim",
     "step",
 ]
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from . import _kernels
+from . import _attention, _kernels
 
 LayerKind = Literal["linear", "conv2d"]
 Stats = dict[str, Tensor]
@@ -107,15 +107,22 @@ def _conv2d_patch_sum(module: nn.Conv2d, x: Tensor) -> tuple[Tensor, int]:
     )
 
 
-def _reduce(layers: Mapping[str, LayerSpec], buffer: Mapping[str, list[tuple[Tensor, int]]]) -> Stats:
-    """Average every layer's sums over all its calls and append the bias input 1."""
+def _reduce(layers: Mapping[str, LayerSpec], buffer: Mapping[str, list[tuple[Tensor, int | Tensor]]]) -> Stats:
+    """Average every layer's sums over all its calls and append the bias input 1.
+
+    A count is an int, or a tensor (``[]`` or ``[blocks, 1]``) where it depends on the data,
+    as for attention rows left out by a mask.
+    """
     stats: Stats = {}
     for weight_name, calls in buffer.items():
-        count = sum(c for _, c in calls)
+        count: int | Tensor = 0
+        for _, partial_count in calls:
+            count = count + partial_count
         total = calls[0][0]
         for partial, _ in calls[1:]:
             total = total + partial
-        mean = total / max(count, 1)
+        # NOTE: a tensor count is clamped with a tensor op, because max() would read its value and break the graph.
+        mean = total / (count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1))
         if layers[weight_name].bias is not None:
             mean = _kernels.append_bias_column(mean)
         stats[weight_name] = mean
@@ -130,19 +137,56 @@ class StatsRecorder:
     otherwise untouched. The recorded tensors leave the recorder in :meth:`stop`, so none
     outlives a ``torch.func`` transform that wraps the forward pass.
 
+    Every nn.MultiheadAttention, and every custom attention module declared with
+    :func:`macfn.declare_attention`, gives its value projection the attention-weighted mean
+    activation (see ``docs/transformers.md``): a packed ``in_proj_weight`` or fused qkv layer
+    gets ``[3, d]`` statistics with rows ``(abar, abar, vbar)``.
+
     Args:
         model: The module whose nn.Linear and nn.Conv2d layers are preconditioned.
         training_only: Record only calls made in training mode with gradients enabled,
             so that evaluation passes inside a recording add nothing.
+        attention: Declarations of custom attention modules.
+        attention_weighting: Weight the value rows' mean by the attention probabilities;
+            False gives them the ordinary mean (an ablation).
+        attention_mean: ``"paired"`` (each sample's probabilities with its own tokens) or
+            ``"factored"`` (the paper's ``Xbar^T sbar``, batch averaged first).
+        attention_query_chunk: Queries per chunk when probabilities are recomputed; None
+            takes all queries at once, one ``B x heads x N x N`` temporary per layer call.
+
+    Raises:
+        ValueError: An invalid attention option or declaration.
     """
 
-    def __init__(self, model: nn.Module, *, training_only: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        training_only: bool = False,
+        attention: Iterable[_attention.AttentionDeclaration] = (),
+        attention_weighting: bool = True,
+        attention_mean: _attention.AttentionMean = "paired",
+        attention_query_chunk: int | None = None,
+    ) -> None:
         self.layers, owners = find_layers(model)
         self.training_only = training_only
-        self._buffer: dict[str, list[tuple[Tensor, int]]] | None = None
+        self._buffer: dict[str, list[tuple[Tensor, int | Tensor]]] | None = None
+        options = _attention.AttentionOptions(attention_weighting, attention_mean, attention_query_chunk)
+        plan = _attention.plan_attention(
+            model, owners, {name: spec.bias for name, spec in self.layers.items()}, attention, options,
+            self._recording_buffer, bias_name_for,
+        )
+        for weight_name, (bias_name, blocks) in plan.specs.items():
+            self.layers[weight_name] = LayerSpec(weight_name, bias_name, "linear", blocks)
         self._handles = [
-            module.register_forward_hook(self._make_hook(weight_name)) for module, weight_name in owners.items()
+            module.register_forward_hook(self._make_hook(weight_name))
+            for module, weight_name in owners.items()
+            if module not in plan.claimed
         ]
+        self._handles += [
+            module.register_forward_hook(hook, with_kwargs=with_kwargs) for module, hook, with_kwargs in plan.hooks
+        ]
+        self._attention_resets = plan.resets
 
     @property
     def recording(self) -> bool:
@@ -163,6 +207,8 @@ class StatsRecorder:
         buffer, self._buffer = self._buffer, None
         if buffer is None:
             raise RuntimeError("StatsRecorder.stop was called without start.")
+        for reset in self._attention_resets:
+            reset()
         return _reduce(self.layers, buffer)
 
     def remove(self) -> None:
@@ -170,6 +216,15 @@ class StatsRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _recording_buffer(self, module: nn.Module) -> dict[str, list[tuple[Tensor, int | Tensor]]] | None:
+        """Return the buffer that a call of ``module`` records into, or None when it records nothing."""
+        buffer = self._buffer
+        if buffer is None:
+            return None
+        if self.training_only and not (module.training and torch.is_grad_enabled()):
+            return None
+        return buffer
 
     def _make_hook(self, weight_name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -193,14 +248,31 @@ class GradAndStats:
     """Callable ``(params, *args) -> (grads, stats, loss)`` made by :func:`grad_and_stats`.
 
     It owns a :class:`StatsRecorder`, whose hooks record only while this object is being
-    called. :meth:`remove` detaches them.
+    called. :meth:`remove` detaches them. The keyword arguments after ``has_aux`` are passed
+    to the :class:`StatsRecorder`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], *, has_aux: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Any],
+        *,
+        has_aux: bool = False,
+        attention: Iterable[_attention.AttentionDeclaration] = (),
+        attention_weighting: bool = True,
+        attention_mean: _attention.AttentionMean = "paired",
+        attention_query_chunk: int | None = None,
+    ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.has_aux = has_aux
-        self.recorder = StatsRecorder(model)
+        self.recorder = StatsRecorder(
+            model,
+            attention=attention,
+            attention_weighting=attention_weighting,
+            attention_mean=attention_mean,
+            attention_query_chunk=attention_query_chunk,
+        )
 
     @property
     def layers(self) -> dict[str, LayerSpec]:
@@ -245,7 +317,16 @@ class GradAndStats:
         self.recorder.remove()
 
 
-def grad_and_stats(model: nn.Module, loss_fn: Callable[..., Any], *, has_aux: bool = False) -> GradAndStats:
+def grad_and_stats(
+    model: nn.Module,
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    attention: Iterable[_attention.AttentionDeclaration] = (),
+    attention_weighting: bool = True,
+    attention_mean: _attention.AttentionMean = "paired",
+    attention_query_chunk: int | None = None,
+) -> GradAndStats:
     """Build a function that returns gradients and MAC statistics of ``loss_fn``.
 
     ``loss_fn(params, *args)`` must run the model through
@@ -260,8 +341,22 @@ def grad_and_stats(model: nn.Module, loss_fn: Callable[..., Any], *, has_aux: bo
         model: The module whose nn.Linear and nn.Conv2d layers are preconditioned.
         loss_fn: The torch.func-style loss.
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is returned last.
+        attention: Custom attention modules from :func:`macfn.declare_attention`;
+            nn.MultiheadAttention is covered without one.
+        attention_weighting: Give value projections the attention-weighted mean activation
+            (True), or the ordinary mean of their inputs (False, an ablation).
+        attention_mean: ``"paired"`` or ``"factored"``, see :class:`StatsRecorder`.
+        attention_query_chunk: Queries per chunk when attention probabilities are recomputed.
 
     Returns:
         A :class:`GradAndStats`, callable as ``(params, *args) -> (grads, stats, loss)``.
     """
-    return GradAndStats(model, loss_fn, has_aux=has_aux)
+    return GradAndStats(
+        model,
+        loss_fn,
+        has_aux=has_aux,
+        attention=attention,
+        attention_weighting=attention_weighting,
+        attention_mean=attention_mean,
+        attention_query_chunk=attention_query_chunk,
+    )

@@ -8,6 +8,81 @@ from typing import Literal
 
 DampingForm = Literal["decoupled", "exact"]
 DAMPING_FORMS: tuple[DampingForm, ...] = ("decoupled", "exact")
+NonfinitePolicy = Literal["skip", "raise", "ignore"]
+NONFINITE_POLICIES: tuple[NonfinitePolicy, ...] = ("skip", "raise", "ignore")
+BaseRule = Literal["sgd", "adamw"]
+BASE_RULES: tuple[BaseRule, ...] = ("sgd", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseUpdate:
+    """The base update of one parameter group: the rule that turns its gradient into a step.
+
+    MAC preconditions the nn.Linear and nn.Conv2d weights (and their biases) and then applies a
+    base update. Every other parameter (embeddings, normalisation layers, positional tables,
+    standalone biases) gets the base update alone. Without groups that is the config's momentum
+    SGD, as in the paper. A group names its parameters explicitly; a preconditioned weight put in
+    a group gets the group's rule applied to its preconditioned gradient.
+
+    ``"adamw"`` is torch.optim.AdamW's update (Loshchilov and Hutter, 2019, arXiv 1711.05101) with
+    ``t = state["step"] + 1``::
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        theta = theta (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Attributes:
+        params: Names of the group's parameters, as in ``model.named_parameters()``.
+        rule: ``"sgd"`` (the config's momentum, Nesterov and weight decay settings) or ``"adamw"``.
+        lr_scale: The group's learning rate is ``lr_scale`` times the step's, so one schedule
+            drives every group; e.g. 0.01 gives AdamW 1e-3 next to MAC's 0.1.
+        weight_decay: The group's decay coefficient >= 0; None takes ``MACConfig.weight_decay``.
+            AdamW always decays decoupled; SGD follows ``MACConfig.decoupled_weight_decay``.
+        betas: AdamW's ``(b1, b2)``, each in [0, 1).
+        eps: AdamW's ``eps`` > 0, added to the root of the second moment.
+    """
+
+    params: tuple[str, ...]
+    rule: BaseRule = "sgd"
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        names = self.params
+        if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(
+            isinstance(name, str) for name in names
+        ):
+            raise ValueError(
+                f"Invalid BaseUpdate params={names!r}: expected a tuple of parameter names, e.g. "
+                "('tok.weight', 'ln.weight')."
+            )
+        # NOTE: a list is stored as a tuple so that the frozen record stays hashable.
+        object.__setattr__(self, "params", tuple(names))
+        if len(set(self.params)) != len(self.params):
+            raise ValueError(f"Invalid BaseUpdate params={self.params!r}: a name appears twice.")
+        if self.rule not in BASE_RULES:
+            raise ValueError(f"Invalid BaseUpdate rule={self.rule!r}: expected one of {', '.join(map(repr, BASE_RULES))}.")
+
+        _check_real("lr_scale", self.lr_scale, "a finite number >= 0, e.g. 1.0")
+        if self.lr_scale < 0:
+            raise ValueError(f"Invalid lr_scale={self.lr_scale!r}: it must be >= 0.")
+        if self.weight_decay is not None:
+            _check_real("weight_decay", self.weight_decay, "a finite number >= 0, or None for the config's")
+            if self.weight_decay < 0:
+                raise ValueError(f"Invalid BaseUpdate weight_decay={self.weight_decay!r}: it must be >= 0.")
+
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"Invalid betas={self.betas!r}: expected a pair (b1, b2), e.g. (0.9, 0.999).")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for index, beta in enumerate(self.betas):
+            _check_real(f"betas[{index}]", beta, "a number in [0, 1), e.g. 0.9")
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid betas[{index}]={beta!r}: it must lie in [0, 1).")
+
+        _check_real("eps", self.eps, "a finite number > 0, e.g. 1e-8")
+        if self.eps <= 0:
+            raise ValueError(f"Invalid eps={self.eps!r}: it must be > 0, e.g. 1e-8.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +110,16 @@ class MACConfig:
             (the authors' code, rho does not rescale the step); ``"exact"``
             applies the Sherman–Morrison inverse ``(rho I + abar abar^T)^-1``,
             which is the decoupled form divided by rho.
+        nonfinite: What a step does when a gradient, a statistic or a tensor ``lr``
+            contains NaN or infinity. ``"skip"`` returns the parameters, momentum
+            and running statistics unchanged, leaves ``state["step"]`` where it
+            was, adds 1 to ``state["skipped"]`` and warns (eagerly, on the 1st,
+            10th, 100th, ... skipped step). ``"raise"`` raises FloatingPointError
+            naming the offending tensors (it needs eager mode). ``"ignore"``
+            checks nothing and applies the update, saving one pass over the
+            gradients.
+        base_updates: Parameter groups with their own base update (:class:`BaseUpdate`);
+            parameters in no group get the momentum SGD set by the fields above.
     """
 
     lr: float = 0.1
@@ -45,6 +130,8 @@ class MACConfig:
     damping: float = 1.0
     stat_decay: float = 0.95
     damping_form: DampingForm = "decoupled"
+    nonfinite: NonfinitePolicy = "skip"
+    base_updates: tuple[BaseUpdate, ...] = ()
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, "a finite number >= 0, e.g. 0.1")
@@ -80,6 +167,38 @@ class MACConfig:
             raise ValueError(
                 f"Invalid damping_form={self.damping_form!r}: expected one of {', '.join(map(repr, DAMPING_FORMS))}."
             )
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Invalid nonfinite={self.nonfinite!r}: expected one of {', '.join(map(repr, NONFINITE_POLICIES))}."
+            )
+        self._check_base_updates()
+
+    def _check_base_updates(self) -> None:
+        groups = self.base_updates
+        if not isinstance(groups, (tuple, list)) or not all(isinstance(group, BaseUpdate) for group in groups):
+            raise ValueError(
+                f"Invalid base_updates={groups!r}: expected a tuple of macfn.BaseUpdate, e.g. "
+                "(macfn.BaseUpdate(('tok.weight',), rule='adamw', lr_scale=0.01),)."
+            )
+        # NOTE: a list is stored as a tuple so that the frozen record stays hashable.
+        object.__setattr__(self, "base_updates", tuple(groups))
+        seen: set[str] = set()
+        for group in self.base_updates:
+            twice = sorted(seen.intersection(group.params))
+            if twice:
+                raise ValueError(
+                    f"Invalid base_updates: {', '.join(map(repr, twice))} belong to more than one group; put each "
+                    "parameter in at most one BaseUpdate."
+                )
+            seen.update(group.params)
+
+    def groups_by_param(self) -> dict[str, BaseUpdate]:
+        """Return the group of every parameter named in ``base_updates``, keyed by name."""
+        return {name: group for group in self.base_updates for name in group.params}
+
+    def adamw_params(self) -> tuple[str, ...]:
+        """Return the names of the parameters in ``"adamw"`` groups, in group order."""
+        return tuple(name for group in self.base_updates if group.rule == "adamw" for name in group.params)
 
     def replace(self, **changes: object) -> MACConfig:
         """Return a copy with ``changes`` applied and validated again."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import NotRequired, TypedDict, cast
 
 import torch
 from torch import Tensor
 
-from . import _kernels
+from . import _finite, _kernels
 from ._capture import bias_name_for
-from ._config import MACConfig
+from ._config import BaseUpdate, MACConfig
 
 
 class MACState(TypedDict):
@@ -18,19 +19,28 @@ class MACState(TypedDict):
     ``torch.load(weights_only=True)`` round-trip it.
 
     Keys:
-        step: int64 scalar, the number of steps taken.
+        step: int64 scalar, the number of steps applied; a skipped step leaves it unchanged.
+        skipped: int64 scalar, the number of steps skipped because a gradient, a statistic or
+            the learning rate was non-finite (``MACConfig.nonfinite == "skip"``).
         momentum: ``{param_name: buffer}``, shape and dtype of the parameter; empty when
             ``momentum == 0``.
         mean_activation: ``{weight_name: [blocks, d]}`` running mean activation ``m`` before
             bias correction, float32 (float64 for float64 parameters).
         stat_count: ``{weight_name: int64 scalar}``, the statistics updates ``k`` folded into
             ``m``; the preconditioner uses ``m / (1 - stat_decay^k)``.
+        exp_avg, exp_avg_sq: ``{param_name: moment}``, AdamW's first and second moments of the
+            parameters in ``"adamw"`` groups (:class:`macfn.BaseUpdate`), shape and dtype of the
+            parameter. Present only when the config has such a group; those parameters then
+            have no momentum buffer.
     """
 
     step: Tensor
+    skipped: Tensor
     momentum: dict[str, Tensor]
     mean_activation: dict[str, Tensor]
     stat_count: dict[str, Tensor]
+    exp_avg: NotRequired[dict[str, Tensor]]
+    exp_avg_sq: NotRequired[dict[str, Tensor]]
 
 
 def init(
@@ -57,12 +67,18 @@ def init(
     device = first.device if first is not None else torch.device("cpu")
     state: MACState = {
         "step": torch.zeros((), dtype=torch.int64, device=device),
+        "skipped": torch.zeros((), dtype=torch.int64, device=device),
         "momentum": {},
         "mean_activation": {},
         "stat_count": {},
     }
+    _check_groups(params, config)
+    adamw = set(config.adamw_params())
     if config.momentum > 0:
-        state["momentum"] = {name: torch.zeros_like(p) for name, p in params.items()}
+        state["momentum"] = {name: torch.zeros_like(p) for name, p in params.items() if name not in adamw}
+    if adamw:
+        state["exp_avg"] = {name: torch.zeros_like(p) for name, p in params.items() if name in adamw}
+        state["exp_avg_sq"] = {name: torch.zeros_like(p) for name, p in params.items() if name in adamw}
     if stats is not None:
         _check_stats(params, stats)
         for name, batch_mean in stats.items():
@@ -92,7 +108,9 @@ def step(
 
     Every other parameter takes the same update with ``Ghat = G`` (momentum SGD). This is
     MAC as stated by Seung, Lee and Ko (2025, arXiv 2506.08464); L2 after preconditioning
-    and the decoupled damping are the authors' code.
+    and the decoupled damping are the authors' code. Parameters named in
+    ``config.base_updates`` take their group's rule instead (:class:`macfn.BaseUpdate`),
+    with learning rate ``lr * lr_scale``.
 
     Args:
         params: Parameters keyed by name. Never modified.
@@ -109,7 +127,10 @@ def step(
         ``(new_params, new_state)``; the inputs are left as they were.
 
     Raises:
-        ValueError: Unknown or missing parameter names, or shapes that do not match.
+        ValueError: Unknown or missing parameter names, shapes or dtypes that do not match,
+            an invalid ``lr``, or ``nonfinite="raise"`` inside torch.compile.
+        FloatingPointError: With ``nonfinite="raise"``, a gradient, statistic or ``lr``
+            contains NaN or infinity.
     """
     config = MACConfig() if config is None else config
     _check_config(config)
@@ -120,36 +141,120 @@ def step(
         state = init(params, config, stats)
     _check_state(params, state, config)
     rate = config.lr if lr is None else lr
-    if not isinstance(rate, Tensor) and rate < 0:
-        raise ValueError(f"Invalid lr={rate!r}: the learning rate must be >= 0.")
+    _check_lr(rate)
+    finite = _finite_flag(grads, stats, state, rate, config)
 
     mean_activation, stat_count = _update_statistics(state, stats, config.stat_decay)
     directions = _precondition_all(params, grads, mean_activation, stat_count, config)
 
     new_params: dict[str, Tensor] = {}
     new_momentum = dict(state["momentum"])
+    groups = config.groups_by_param()
+    moments = _AdamWMoments(state)
     for name, theta in params.items():
         direction = directions.get(name)
         if direction is None:
             new_params[name] = theta
             continue
-        if config.weight_decay and not config.decoupled_weight_decay:
-            direction = direction + config.weight_decay * theta
+        group = groups.get(name)
+        group_rate = rate if group is None or group.lr_scale == 1.0 else rate * group.lr_scale
+        if group is not None and group.rule == "adamw":
+            new_params[name] = moments.update(name, theta, direction, group, group_rate, config)
+            continue
+        weight_decay = config.weight_decay if group is None or group.weight_decay is None else group.weight_decay
+        if weight_decay and not config.decoupled_weight_decay:
+            direction = direction + weight_decay * theta
         if config.momentum > 0:
             buffer = state["momentum"][name] * config.momentum + direction
             new_momentum[name] = buffer
             direction = direction + config.momentum * buffer if config.nesterov else buffer
-        if config.weight_decay and config.decoupled_weight_decay:
-            theta = theta - (rate * config.weight_decay) * theta
-        new_params[name] = theta - rate * direction
+        if weight_decay and config.decoupled_weight_decay:
+            theta = theta - (group_rate * weight_decay) * theta
+        new_params[name] = theta - group_rate * direction
 
     new_state: MACState = {
         "step": state["step"] + 1,
+        "skipped": state["skipped"],
         "momentum": new_momentum,
         "mean_activation": mean_activation,
         "stat_count": stat_count,
     }
+    moments.store(new_state)
+    if finite is not None:
+        new_params, kept_state = _finite.keep_unless_finite(finite, new_params, params, new_state, state)
+        new_state = cast(MACState, kept_state)
+        if not torch.compiler.is_compiling():
+            _finite.warn_skipped(_finite.describe_nonfinite(grads, stats, rate), int(new_state["skipped"]))
     return new_params, new_state
+
+
+def _finite_flag(
+    grads: Mapping[str, Tensor | None],
+    stats: Mapping[str, Tensor] | None,
+    state: MACState,
+    rate: float | Tensor,
+    config: MACConfig,
+) -> Tensor | None:
+    """Apply the non-finite policy before the update; return the flag to select with, or None.
+
+    Eagerly the flag is read at once, so a finite step runs without any selection and a
+    non-finite one raises (``"raise"``) or is selected away after the update (``"skip"``).
+    """
+    if config.nonfinite == "ignore":
+        return None
+    checked = [g for g in grads.values() if g is not None] + list((stats or {}).values())
+    if isinstance(rate, Tensor):
+        checked.append(rate)
+    if torch.compiler.is_compiling():
+        if config.nonfinite == "raise":
+            raise ValueError(
+                "Invalid nonfinite='raise' inside torch.compile: raising needs the value of the finite flag, "
+                "which a compiled graph cannot read. Compile the step with nonfinite='skip' and watch "
+                "state['skipped'], or call macfn.step eagerly."
+            )
+        # NOTE: a compiled graph cannot branch on a tensor value, so the update always runs and
+        # torch.where keeps the old values when the flag is False.
+        return _finite.all_finite(checked)
+    # NOTE: reading the flag synchronises with the device once per step, as torch.amp.GradScaler does.
+    finite = _finite.all_finite(checked)
+    if bool(finite):
+        return None
+    if config.nonfinite == "raise":
+        _finite.raise_nonfinite(_finite.describe_nonfinite(grads, stats, rate), int(state["step"]))
+    return finite
+
+
+class _AdamWMoments:
+    """The AdamW moments of one step: read from the old state, written to the new one."""
+
+    def __init__(self, state: MACState) -> None:
+        self.exp_avg = dict(state.get("exp_avg", {}))
+        self.exp_avg_sq = dict(state.get("exp_avg_sq", {}))
+        self.present = "exp_avg" in state
+        self.count = state["step"] + 1 if self.present else state["step"]
+
+    def update(
+        self, name: str, theta: Tensor, grad: Tensor, group: BaseUpdate, rate: float | Tensor, config: MACConfig
+    ) -> Tensor:
+        """Return the parameter after one AdamW update; keep the new moments."""
+        beta1, beta2 = group.betas
+        weight_decay = config.weight_decay if group.weight_decay is None else group.weight_decay
+        exp_avg = self.exp_avg[name] * beta1 + grad * (1.0 - beta1)
+        exp_avg_sq = self.exp_avg_sq[name] * beta2 + grad * grad * (1.0 - beta2)
+        self.exp_avg[name], self.exp_avg_sq[name] = exp_avg, exp_avg_sq
+
+        count = self.count.to(theta.dtype)
+        correction1 = 1.0 - torch.pow(torch.full_like(count, beta1), count)
+        correction2 = 1.0 - torch.pow(torch.full_like(count, beta2), count)
+        denominator = (exp_avg_sq / correction2).sqrt() + group.eps
+        if weight_decay:
+            theta = theta - (rate * weight_decay) * theta
+        return theta - (rate / correction1) * exp_avg / denominator
+
+    def store(self, new_state: MACState) -> None:
+        if self.present:
+            new_state["exp_avg"] = self.exp_avg
+            new_state["exp_avg_sq"] = self.exp_avg_sq
 
 
 def _update_statistics(
@@ -215,6 +320,27 @@ def _check_config(config: object) -> None:
         raise TypeError(f"Invalid config of type {type(config).__name__}: expected macfn.MACConfig.")
 
 
+def _check_groups(params: Mapping[str, Tensor], config: MACConfig) -> None:
+    unknown = sorted(name for group in config.base_updates for name in group.params if name not in params)
+    if unknown:
+        raise ValueError(
+            f"Invalid base_updates: no parameter named {', '.join(map(repr, unknown))}; groups name keys of params "
+            "(model.named_parameters() names)."
+        )
+
+
+def _check_lr(rate: object) -> None:
+    if isinstance(rate, Tensor):
+        if rate.dim() != 0 or not rate.is_floating_point():
+            raise ValueError(
+                f"Invalid lr tensor of shape {tuple(rate.shape)} and dtype {rate.dtype}: expected a 0-dim floating "
+                "tensor, e.g. torch.tensor(0.1)."
+            )
+        return
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"Invalid lr={rate!r}: the learning rate must be a finite number >= 0, e.g. 0.1.")
+
+
 def _check_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None]) -> None:
     unknown = sorted(set(grads) - set(params))
     if unknown:
@@ -234,6 +360,11 @@ def _check_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None
                 f"Invalid grads['{name}'] of shape {tuple(g.shape)}: the parameter has shape "
                 f"{tuple(params[name].shape)}."
             )
+        if g is not None and g.dtype != params[name].dtype:
+            raise ValueError(
+                f"Invalid grads['{name}'] of dtype {g.dtype}: the parameter has dtype {params[name].dtype}; cast "
+                "the gradient with .to(param.dtype) so that the update keeps the parameter's dtype."
+            )
 
 
 def _check_stats(params: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> None:
@@ -242,7 +373,8 @@ def _check_stats(params: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> N
         if weight is None:
             raise ValueError(
                 f"Invalid stats: no parameter named '{name}'; statistics are keyed by the weight names that "
-                "macfn.grad_and_stats returns, which must be keys of params."
+                "macfn.grad_and_stats returns, which must be keys of params. For a frozen layer, keep its "
+                "parameters in params with a None gradient, or drop its statistics."
             )
         if batch_mean.dim() != 2 or weight.dim() < 2:
             raise ValueError(
@@ -272,16 +404,45 @@ def _check_stats(params: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> N
 
 
 def _check_state(params: Mapping[str, Tensor], state: MACState, config: MACConfig) -> None:
-    expected_keys = {"step", "momentum", "mean_activation", "stat_count"}
+    expected_keys = {"step", "skipped", "momentum", "mean_activation", "stat_count"}
+    _check_groups(params, config)
+    adamw = set(config.adamw_params())
+    if adamw:
+        expected_keys |= {"exp_avg", "exp_avg_sq"}
     if not isinstance(state, Mapping) or set(state) != expected_keys:
         found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"Invalid state with keys {found}: expected the dict made by macfn.init.")
+        raise ValueError(
+            f"Invalid state with keys {found}: expected the dict made by macfn.init with the same config "
+            f"(keys {sorted(expected_keys)})."
+        )
+    for key in ("exp_avg", "exp_avg_sq") if adamw else ():
+        moments = state[key]  # type: ignore[literal-required]
+        if set(moments) != adamw:
+            raise ValueError(
+                f"Invalid state['{key}'] for {sorted(moments)}: the config's AdamW groups hold {sorted(adamw)}; "
+                "build the state with macfn.init from the same params and config."
+            )
     if config.momentum > 0:
-        missing = sorted(set(params) - set(state["momentum"]))
+        missing = sorted(set(params) - adamw - set(state["momentum"]))
         unexpected = sorted(set(state["momentum"]) - set(params))
         if missing or unexpected:
             raise ValueError(
                 f"Invalid state: momentum buffers are missing for {missing} and unexpected for {unexpected}; "
                 "build the state with macfn.init from the same params."
             )
+        for name, buffer in state["momentum"].items():
+            if not isinstance(buffer, Tensor) or buffer.shape != params[name].shape:
+                buffer_shape = tuple(buffer.shape) if isinstance(buffer, Tensor) else type(buffer).__name__
+                raise ValueError(
+                    f"Invalid state['momentum']['{name}'] of shape {buffer_shape}: the parameter has shape "
+                    f"{tuple(params[name].shape)}; the state belongs to another model."
+                )
+    for key in ("step", "skipped"):
+        if not isinstance(state[key], Tensor) or state[key].dim() != 0:  # type: ignore[literal-required]
+            raise ValueError(f"Invalid state['{key}']: expected a 0-dim int64 tensor as macfn.init makes it.")
+    if set(state["stat_count"]) != set(state["mean_activation"]):
+        raise ValueError(
+            f"Invalid state: stat_count has layers {sorted(state['stat_count'])} but mean_activation has "
+            f"{sorted(state['mean_activation'])}; build the state with macfn.init."
+        )
     _check_stats(params, state["mean_activation"])

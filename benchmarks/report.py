@@ -1,0 +1,416 @@
+"""Run the measured benchmark suite and write ``docs/benchmarks.md`` with its tables and plots.
+
+Usage::
+
+    python -m benchmarks.report                 # full CPU run, about 20 minutes on 2 cores
+    python -m benchmarks.report --plan quick    # a few minutes, fewer workloads and repeats
+    python -m benchmarks.report --device cuda   # the GPU run; see benchmarks/gpu.sh
+
+A CPU run writes ``docs/benchmarks.json`` (every sample and the environment),
+``docs/benchmarks.md`` and the plots in ``docs/img/``. A CUDA run writes
+``docs/benchmarks-cuda.json`` and prints its table, leaving the CPU page alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import macfn
+
+from . import render, tasks
+from .models import Workload, build_workload
+from .timing import environment, load_average, peak_step_bytes, summarize, time_interleaved
+from .variants import (
+    REFRESH_PERIOD,
+    FunctionalMAC,
+    Variant,
+    build_variant,
+    cosine_lr,
+    macfn_optim_available,
+    parameter_bytes,
+    state_bytes,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "sgd"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run measures.
+
+    Attributes:
+        name: Plan name.
+        step_workloads: Workloads whose optimizer step alone is timed.
+        train_workloads: Workloads whose whole training step is timed too (a subset).
+        target_workloads: Workloads that also time the diagnostic variants (compiled SGD,
+            macfn without the NaN check, the compiled adapter).
+        repeats: Timed blocks per variant; heavy workloads use ``heavy_repeats``.
+        heavy_repeats: Timed blocks per variant on ``heavy_workloads``.
+        heavy_workloads: Workloads where the dense and KFAC variants take seconds per step.
+        skip: ``{workload: {variant: reason}}`` pairs that are not run.
+        stats_workloads: Workloads for the statistics-capture cost.
+        recompile_workloads: Workloads for the recompile count under a cosine schedule.
+        tasks: Time-to-target tasks.
+        task_variants: Variants in the time-to-target runs.
+        seeds: Seeds per time-to-target run.
+    """
+
+    name: str
+    step_workloads: tuple[str, ...]
+    train_workloads: tuple[str, ...]
+    target_workloads: tuple[str, ...]
+    repeats: int
+    heavy_repeats: int
+    heavy_workloads: tuple[str, ...]
+    skip: dict[str, dict[str, str]]
+    stats_workloads: tuple[str, ...]
+    recompile_workloads: tuple[str, ...]
+    tasks: tuple[str, ...]
+    task_variants: tuple[str, ...]
+    seeds: int
+
+
+MAIN_VARIANTS = ("sgd", "adamw", "macfn-eager", "macfn-compiled", "macfn-optim", "dense-mac", "kfac")
+TARGET_EXTRAS = ("sgd-compiled", "macfn-compiled-nocheck", "macfn-optim-compiled")
+TASK_VARIANTS = ("sgd", "adamw", "macfn-eager", "macfn-optim", "dense-mac", "kfac")
+
+PLANS = {
+    "full": Plan(
+        name="full",
+        step_workloads=("mlp-256", "mlp-512", "mlp-1024", "mlp-2048", "mlp-4096", "cnn", "vit", "gpt"),
+        train_workloads=("mlp-2048", "cnn", "vit", "gpt"),
+        target_workloads=("mlp-2048", "cnn", "gpt"),
+        repeats=7,
+        heavy_repeats=2,
+        heavy_workloads=("mlp-4096",),
+        skip={"mlp-4096": {"kfac": "about 3 s per step (two 4096^3 products per step plus Cholesky "
+                                    "factorisations), more than this run's time budget"}},
+        stats_workloads=("mlp-2048", "cnn", "vit", "gpt"),
+        recompile_workloads=("mlp-256", "gpt"),
+        tasks=("digits-mlp", "digits-cnn", "text-gpt"),
+        task_variants=TASK_VARIANTS,
+        seeds=3,
+    ),
+    "quick": Plan(
+        name="quick",
+        step_workloads=("mlp-256", "mlp-1024", "mlp-2048", "gpt"),
+        train_workloads=("mlp-2048", "gpt"),
+        target_workloads=("mlp-2048",),
+        repeats=3,
+        heavy_repeats=2,
+        heavy_workloads=(),
+        skip={},
+        stats_workloads=("mlp-2048",),
+        recompile_workloads=("mlp-256",),
+        tasks=("digits-mlp",),
+        task_variants=("sgd", "macfn-eager", "dense-mac"),
+        seeds=3,
+    ),
+}
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load_average()[:1]}] {message}", file=sys.stderr, flush=True)
+
+
+def _available(names: Sequence[str]) -> list[str]:
+    if macfn_optim_available():
+        return list(names)
+    return [name for name in names if not name.startswith("macfn-optim")]
+
+
+def _variants_for(plan: Plan, workload: str) -> list[str]:
+    names = list(MAIN_VARIANTS)
+    if workload in plan.target_workloads:
+        names += TARGET_EXTRAS
+    skipped = plan.skip.get(workload, {})
+    return [name for name in _available(names) if name not in skipped]
+
+
+def _timed_first_call(call: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _build(names: Sequence[str], workload: Workload, errors: dict[str, str],
+           first_call: Callable[[Variant], object], device: torch.device) -> tuple[dict[str, Variant], dict[str, float]]:
+    """Build every variant and time its first call; record a variant that raises in ``errors``."""
+    built: dict[str, Variant] = {}
+    first_call_s: dict[str, float] = {}
+    for variant_name in names:
+        _log(f"{workload.name}: building {variant_name}")
+        try:
+            variant = build_variant(variant_name, workload)
+            first_call_s[variant_name] = _timed_first_call(lambda: first_call(variant), device)
+        except Exception as error:
+            errors[variant_name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            _log(f"{workload.name}: {variant_name} failed: {errors[variant_name]}")
+            continue
+        built[variant_name] = variant
+    return built, first_call_s
+
+
+def measure_workload(plan: Plan, name: str, device: torch.device) -> dict[str, Any]:
+    """Time the optimizer step (and, for training workloads, the training step) of every variant.
+
+    The training step is timed on freshly built variants, because repeating one fixed gradient
+    for the optimizer-step timing moves the weights far from anything training would reach.
+    """
+    torch._dynamo.reset()
+    workload = build_workload(name, device=device)
+    names = _variants_for(plan, name)
+    heavy = name in plan.heavy_workloads
+    repeats = plan.heavy_repeats if heavy else plan.repeats
+    warmup = 0 if heavy else 1
+    errors: dict[str, str] = {}
+
+    def prepare_and_step(variant: Variant) -> None:
+        variant.prepare(workload.inputs, workload.targets)
+        variant.optimizer_step()
+
+    built, first_step_s = _build(names, workload, errors, prepare_and_step, device)
+    _log(f"{name}: timing the optimizer step of {len(built)} variants, {repeats} repeats")
+    step_samples = time_interleaved({n: v.optimizer_step for n, v in built.items()}, repeats=repeats,
+                                    block=REFRESH_PERIOD, warmup_blocks=warmup, device=device, errors=errors)
+    result: dict[str, Any] = {
+        "variants": names,
+        "skipped": plan.skip.get(name, {}),
+        "parameter_bytes": parameter_bytes(workload),
+        "optimizer_step": {"summary": summarize(step_samples, BASELINE), "samples": step_samples,
+                           "first_call_s": first_step_s},
+        "state_bytes": {n: state_bytes(v) for n, v in built.items()},
+        "errors": errors,
+    }
+    del built
+    if name in plan.train_workloads:
+        def train(variant: Variant) -> None:
+            variant.train_step(workload.inputs, workload.targets)
+
+        trained, first_train_s = _build(names, workload, errors, train, device)
+        _log(f"{name}: timing the training step of {len(trained)} variants, {repeats} repeats")
+        calls = {n: (lambda v=v: train(v)) for n, v in trained.items()}
+        train_samples = time_interleaved(calls, repeats=repeats, block=REFRESH_PERIOD, warmup_blocks=warmup,
+                                         device=device, errors=errors)
+        result["train_step"] = {"summary": summarize(train_samples, BASELINE), "samples": train_samples,
+                                "first_call_s": first_train_s}
+        result["peak_step_bytes"] = {n: _peak_bytes(call, device) for n, call in calls.items() if n not in errors}
+    result["load_average"] = load_average()
+    return result
+
+
+def _peak_bytes(step: Callable[[], object], device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return peak_step_bytes(step)
+
+
+class _PlainMAC(FunctionalMAC):
+    """The functional MAC step without statistics: ``torch.func.grad`` and ``stats=None``."""
+
+    def _train(self, params: dict[str, torch.Tensor], state: macfn.MACState, x: torch.Tensor, y: torch.Tensor,
+               lr: torch.Tensor) -> tuple[dict[str, torch.Tensor], macfn.MACState, torch.Tensor]:
+        grads, loss = torch.func.grad_and_value(self._loss)(params, x, y)
+        new_params, new_state = macfn.step(params, grads, None, state, self.config, lr=lr)
+        return new_params, new_state, loss
+
+
+class _UndeclaredMAC(FunctionalMAC):
+    """The functional MAC step without attention declarations: every qkv row gets the plain mean."""
+
+    def __init__(self, name: str, model: torch.nn.Module, config: macfn.MACConfig, *, compiled: bool) -> None:
+        super().__init__(name, model, config, compiled=compiled)
+        self.compute = macfn.grad_and_stats(model, self._loss)
+
+
+def measure_stats_cost(name: str, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Time training steps with and without statistics, eager and compiled."""
+    torch._dynamo.reset()
+    workload = build_workload(name, device=device)
+    has_attention = name in ("vit", "gpt")
+    contenders: dict[str, Variant] = {"sgd": build_variant("sgd", workload)}
+    for compiled in (False, True):
+        suffix = "compiled" if compiled else "eager"
+        model = copy.deepcopy(workload.model)
+        contenders[f"plain-{suffix}"] = _PlainMAC(f"plain-{suffix}", model, workload.config, compiled=compiled)
+        contenders[f"stats-{suffix}"] = build_variant(f"macfn-{suffix}", workload)
+        if has_attention:
+            model = copy.deepcopy(workload.model)
+            contenders[f"stats-undeclared-{suffix}"] = _UndeclaredMAC(
+                f"stats-undeclared-{suffix}", model, workload.config, compiled=compiled)
+    _log(f"{name}: statistics cost, compiling and timing {len(contenders)} steps")
+    def train(variant: Variant) -> Callable[[], object]:
+        return lambda: variant.train_step(workload.inputs, workload.targets)
+
+    calls = {n: train(v) for n, v in contenders.items()}
+    for call in calls.values():
+        call()
+    samples = time_interleaved(calls, repeats=repeats, block=REFRESH_PERIOD, device=device)
+    return {"summary": summarize(samples, "sgd"), "samples": samples, "load_average": load_average()}
+
+
+def count_recompiles(name: str, device: torch.device, steps: int = 100) -> dict[str, Any]:
+    """Count compiled graphs added after the first step over ``steps`` steps of a cosine schedule."""
+    from torch._dynamo.utils import counters
+
+    workload = build_workload(name, device=device)
+    result: dict[str, Any] = {}
+    candidates = ["macfn-compiled", "sgd-compiled"] + (["macfn-optim-compiled"] if macfn_optim_available() else [])
+    for variant_name in candidates:
+        torch._dynamo.reset()
+        counters.clear()
+        variant = build_variant(variant_name, workload)
+        schedule = _cosine_schedule(variant, steps)
+        start = time.perf_counter()
+        variant.train_step(workload.inputs, workload.targets)
+        first = time.perf_counter() - start
+        graphs_after_first = counters["stats"]["unique_graphs"]
+        for _ in range(1, steps):
+            schedule()
+            variant.train_step(workload.inputs, workload.targets)
+        result[variant_name] = {
+            "first_step_s": first,
+            "graphs_after_first_step": graphs_after_first,
+            "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
+            "steps": steps,
+        }
+        _log(f"{name}: {variant_name} recompiles {result[variant_name]['recompiles']}")
+    return result
+
+
+def _cosine_schedule(variant: Variant, steps: int) -> Callable[[], None]:
+    """Return a callable that advances a cosine learning-rate schedule by one step.
+
+    ``torch.optim`` variants use ``torch.optim.lr_scheduler.CosineAnnealingLR``; the functional
+    variant writes the same values into its 0-dim learning-rate tensor.
+    """
+    if isinstance(variant, FunctionalMAC):
+        peak = float(variant.lr)
+        count = [0]
+
+        def advance() -> None:
+            count[0] += 1
+            variant.lr.fill_(cosine_lr(count[0], steps, peak))
+
+        return advance
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(getattr(variant, "optimizer"), T_max=steps)
+    return scheduler.step
+
+
+def measure_tasks(plan: Plan, device: torch.device) -> dict[str, Any]:
+    """Run every time-to-target task for every variant and seed."""
+    builders: dict[str, Callable[[], tasks.Task]] = {
+        "digits-mlp": lambda: tasks.digits_task("MLP", device),
+        "digits-cnn": lambda: tasks.digits_task("CNN", device),
+        "text-gpt": lambda: tasks.text_task(device),
+    }
+    results: dict[str, Any] = {}
+    for task_name in plan.tasks:
+        task = builders[task_name]()
+        per_variant: dict[str, Any] = {}
+        for variant_name in _available(plan.task_variants):
+            runs = [tasks.run_to_target(task, variant_name, seed) for seed in range(plan.seeds)]
+            per_variant[variant_name] = {"runs": runs, "summary": tasks.summarize_runs(runs)}
+            _log(f"{task_name}: {variant_name} {per_variant[variant_name]['summary']}")
+        results[task_name] = {
+            "target": task.target, "batch": task.batch, "eval_every": task.eval_every,
+            "max_seconds": task.max_seconds, "lrs": {n: task.lrs.get(n, task.config.lr) for n in per_variant},
+            "kfac_damping": task.kfac_damping, "config": dataclasses.asdict(task.config), "variants": per_variant,
+        }
+    return results
+
+
+def run(plan: Plan, device: torch.device, sections: Sequence[str]) -> dict[str, Any]:
+    """Run the selected sections of ``plan`` and return every result with the environment."""
+    results: dict[str, Any] = {"environment": environment(device), "plan": dataclasses.asdict(plan),
+                               "command": " ".join(["python -m benchmarks.report", *sys.argv[1:]]),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    started = time.perf_counter()
+    if "steps" in sections:
+        results["workloads"] = {name: measure_workload(plan, name, device) for name in plan.step_workloads}
+    if "stats" in sections:
+        repeats = max(3, plan.repeats - 2)
+        results["stats_cost"] = {name: measure_stats_cost(name, device, repeats) for name in plan.stats_workloads}
+    if "compile" in sections:
+        results["recompiles"] = {name: count_recompiles(name, device) for name in plan.recompile_workloads}
+    if "tasks" in sections:
+        results["time_to_target"] = measure_tasks(plan, device)
+    results["environment"]["load_average_at_end"] = load_average()
+    results["wall_clock_s"] = time.perf_counter() - started
+    return results
+
+
+SECTIONS = ("steps", "stats", "compile", "tasks")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the plan and write the results."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full", help="what to measure (default: full)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results file (default: docs/benchmarks.json, or docs/benchmarks-cuda.json)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite docs/benchmarks.md and the plots from the results file, measuring nothing")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine.")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}: expected a subset of {','.join(SECTIONS)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    json_path = args.json or ROOT / "docs" / ("benchmarks.json" if device.type == "cpu" else "benchmarks-cuda.json")
+
+    if args.render_only:
+        results = json.loads(json_path.read_text(encoding="utf-8"))
+    else:
+        results = run(PLANS[args.plan], device, sections)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(_finite(results), indent=1) + "\n", encoding="utf-8")
+        _log(f"wrote {json_path}")
+    if device.type == "cpu":
+        render.write_page(results, ROOT / "docs")
+        _log(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
+    print(render.summary_table(results))
+    return 0
+
+
+def _finite(tree: Any) -> Any:
+    """Replace NaN and infinity by None so that the JSON file is standard JSON."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    if isinstance(tree, dict):
+        return {key: _finite(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_finite(value) for value in tree]
+    return tree
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
