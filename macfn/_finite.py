@@ -62,7 +62,7 @@ def _describe(kind: str, name: str, tensor: Tensor) -> list[str]:
 def raise_nonfinite(report: list[str], step: int) -> NoReturn:
     """Raise FloatingPointError for a step whose inputs contain NaN or infinity."""
     raise FloatingPointError(
-        f"Non-finite values (NaN or inf) in {', '.join(report)} at step {step}; the parameters and the state "
+        f"Non-finite values (NaN or inf) in {_join(report)} at step {step}; the parameters and the state "
         "were left unchanged. Lower the learning rate or clip the gradients, or set "
         "MACConfig(nonfinite='skip') to skip such steps."
     )
@@ -77,13 +77,18 @@ def warn_skipped(report: list[str], skipped: int) -> None:
     if not _is_power_of_ten(skipped):
         return
     warnings.warn(
-        f"macfn.step skipped a step because of non-finite values (NaN or inf) in {', '.join(report)}; the "
+        f"macfn.step skipped a step because of non-finite values (NaN or inf) in {_join(report)}; the "
         f"parameters, momentum and statistics were left unchanged. {skipped} step(s) skipped so far "
         f"(state['skipped']); the next warning comes at {skipped * 10}. Lower the learning rate or clip the "
         "gradients if this repeats.",
         RuntimeWarning,
         stacklevel=_user_stacklevel(),
     )
+
+
+def _join(report: list[str]) -> str:
+    """Join the offending tensors; an empty report means the caller's ``finite`` flag was False."""
+    return ", ".join(report) if report else "inputs outside this call (the caller's finite flag)"
 
 
 _INTERNAL_DIRS = tuple(

@@ -178,6 +178,10 @@ def bias_corrected_mean(running: Tensor, count: Tensor, stat_decay: float) -> Te
     A layer with no statistics yet (``count == 0``) has ``running == 0`` and gets 0, so its
     preconditioner is the identity.
     """
-    correction = 1.0 - torch.pow(torch.tensor(stat_decay, dtype=running.dtype, device=running.device),
-                                 count.to(running.dtype))
+    # NOTE: the correction is computed in float64 because 1 - beta^k cancels badly near beta = 1:
+    # with beta rounded to float32, beta = 0.99999 gave a correction off by 1.4e-3 at k = 1.
+    # MPS has no float64, so it keeps the running mean's dtype.
+    dtype = running.dtype if running.device.type == "mps" else torch.float64
+    decay = torch.tensor(stat_decay, dtype=dtype, device=running.device)
+    correction = (1.0 - torch.pow(decay, count.to(dtype))).to(running.dtype)
     return running / correction.clamp_min(torch.finfo(running.dtype).tiny)

@@ -95,6 +95,7 @@ def step(
     config: MACConfig | None = None,
     *,
     lr: float | Tensor | None = None,
+    finite: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], MACState]:
     """Take one MAC step; a pure function of its inputs.
 
@@ -122,6 +123,10 @@ def step(
         config: Hyperparameters; ``MACConfig()`` when None.
         lr: Learning rate for this step, overriding ``config.lr``. Pass a 0-dim tensor in
             compiled code so that a changing value does not trigger recompilation.
+        finite: Optional 0-dim bool tensor from the caller, False when inputs this call does
+            not see are non-finite (another parameter group, another rank's shard). The
+            non-finite policy then treats this step as non-finite too, so that every group
+            and rank skips together. Ignored with ``nonfinite="ignore"``.
 
     Returns:
         ``(new_params, new_state)``; the inputs are left as they were.
@@ -142,7 +147,12 @@ def step(
     _check_state(params, state, config)
     rate = config.lr if lr is None else lr
     _check_lr(rate)
-    finite = _finite_flag(grads, stats, state, rate, config)
+    if finite is not None and (finite.dim() != 0 or finite.dtype != torch.bool):
+        raise ValueError(
+            f"Invalid finite tensor of shape {tuple(finite.shape)} and dtype {finite.dtype}: expected a 0-dim bool "
+            "tensor, e.g. the result of a finiteness check over other parameter groups."
+        )
+    finite = _finite_flag(grads, stats, state, rate, config, finite)
 
     mean_activation, stat_count = _update_statistics(state, stats, config.stat_decay)
     directions = _precondition_all(params, grads, mean_activation, stat_count, config)
@@ -194,8 +204,12 @@ def _finite_flag(
     state: MACState,
     rate: float | Tensor,
     config: MACConfig,
+    external: Tensor | None,
 ) -> Tensor | None:
     """Apply the non-finite policy before the update; return the flag to select with, or None.
+
+    ``external`` is the caller's flag for inputs this call does not see (other parameter
+    groups or ranks); it is combined with the flag of this call's own inputs.
 
     Eagerly the flag is read at once, so a finite step runs without any selection and a
     non-finite one raises (``"raise"``) or is selected away after the update (``"skip"``).
@@ -214,9 +228,12 @@ def _finite_flag(
             )
         # NOTE: a compiled graph cannot branch on a tensor value, so the update always runs and
         # torch.where keeps the old values when the flag is False.
-        return _finite.all_finite(checked)
+        flag = _finite.all_finite(checked)
+        return flag if external is None else flag & external.to(flag.device)
     # NOTE: reading the flag synchronises with the device once per step, as torch.amp.GradScaler does.
     finite = _finite.all_finite(checked)
+    if external is not None:
+        finite = finite & external.to(finite.device)
     if bool(finite):
         return None
     if config.nonfinite == "raise":

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _kernels
+from . import _finite, _kernels
 from ._capture import LayerSpec, Stats, StatsRecorder, find_layers
 from ._config import BaseUpdate, MACConfig
 from ._step import MACState, init, step
@@ -478,21 +478,41 @@ class MAC(torch.optim.Optimizer):
 
     def _update(self, stats: Stats | None, lrs: list[Tensor], configs: list[MACConfig]) -> None:
         """Apply one step to every group; the pure part of :meth:`step`, compiled when requested."""
+        grads = self._local_grads()
+        finite = self._combined_finite(grads, stats, configs)
         if stats:
-            self._update_sharded_statistics(stats, lrs, configs)
+            self._update_sharded_statistics(stats, lrs, configs, finite)
         # NOTE: nothing here reads self.param_groups, whose float lr would become a guard and
         # recompile the compiled update on every scheduler step.
         # Every call reads the state before any call writes, because a weight split from its bias
         # is read by two calls.
-        grads = self._local_grads()
         writes: list[tuple[Tensor, Tensor]] = []
         created: list[tuple[str, str, Tensor]] = []
         for index, config in enumerate(configs):
-            self._update_group(index, grads, stats, lrs[index], config, writes, created)
+            self._update_group(index, grads, stats, lrs[index], config, writes, created, finite)
         for target, value in writes:
             target.copy_(value)
         for name, key, value in created:
             self._store(name, key, value)
+
+    def _combined_finite(
+        self, grads: Mapping[str, Tensor | None], stats: Stats | None, configs: list[MACConfig]
+    ) -> Tensor | None:
+        """Return one finite flag over every group's gradients and the statistics.
+
+        Every :func:`macfn.step` call receives it, so a NaN in one group skips all groups. With
+        row-sharded (FSDP2) parameters each rank sees only its own gradient rows, so the flag is
+        combined across ranks with one all-reduce of a single integer.
+        """
+        if all(config.nonfinite == "ignore" for config in configs):
+            return None
+        tensors = [g for g in grads.values() if g is not None] + list((stats or {}).values())
+        flag = _finite.all_finite(tensors)
+        if any(layout.sharded for layout in self._layouts.values()) and dist.is_available() and dist.is_initialized():
+            as_int = flag.to(torch.int32)
+            dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self._process_group)
+            flag = as_int.bool()
+        return flag
 
     def _local_grads(self) -> dict[str, Tensor | None]:
         names = {name for call in self._call_names for name in call}
@@ -514,6 +534,7 @@ class MAC(torch.optim.Optimizer):
         config: MACConfig,
         writes: list[tuple[Tensor, Tensor]],
         created: list[tuple[str, str, Tensor]],
+        finite: Tensor | None,
     ) -> None:
         """Run :func:`macfn.step` for group ``index`` and queue the in-place writes of its results."""
         own = self._own[index]
@@ -537,7 +558,7 @@ class MAC(torch.optim.Optimizer):
 
         # Step 2: the functional step.
         call_grads = {n: grads[n] for n in call}
-        new_params, new_state = step(params, call_grads, call_stats, cast(MACState, state), config, lr=lr)
+        new_params, new_state = step(params, call_grads, call_stats, cast(MACState, state), config, lr=lr, finite=finite)
         updated_state = cast(dict[str, Any], new_state)
 
         # Step 3: queue the writes of this group's own parameters and state.
@@ -597,7 +618,9 @@ class MAC(torch.optim.Optimizer):
             return entry[first:last]
         return entry
 
-    def _update_sharded_statistics(self, stats: Stats, lrs: list[Tensor], configs: list[MACConfig]) -> None:
+    def _update_sharded_statistics(
+        self, stats: Stats, lrs: list[Tensor], configs: list[MACConfig], finite: Tensor | None
+    ) -> None:
         """Fold new statistics into the full running mean of every row-sharded weight.
 
         Each rank keeps the whole replicated running mean, also of blocks whose rows are on other
@@ -620,7 +643,7 @@ class MAC(torch.optim.Optimizer):
                     state[key] = {n: params[n] for n in names}
             _, new_state = step(
                 params, dict.fromkeys(params), {w: stats[w] for w in weights}, cast(MACState, state),
-                call_config, lr=lrs[index],
+                call_config, lr=lrs[index], finite=finite,
             )
             for key in self._stats_keys:
                 for weight in weights:

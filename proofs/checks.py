@@ -64,10 +64,10 @@ OUTPUT_ROUNDING_FACTOR = 1.5
 # Conv2d cases, whose selector contractions add up to N * H_pad * W_pad terms.
 MEAN_SUM_ERROR_FACTOR = 8.0
 
-# Relative error of the bias-corrected running mean in units of u(dtype) / (1 - stat_decay).
-# macfn rounds stat_decay to the statistics' dtype in the correction 1 - beta^k, but the update
-# multiplies by the float64 value 1 - beta. A constant statistic therefore comes back scaled by
-# (1 - beta) / (1 - fl(beta)). Observed at most 0.72 (with k * u added) in 3,000 random cases.
+# Relative error of the bias-corrected running mean in units of u(dtype) / (1 - stat_decay),
+# on top of k * u from rounding in k updates. The correction 1 - beta^k cancels when beta is close
+# to 1, so its rounding error relative to the result grows like u / (k (1 - beta)); macfn computes
+# it in float64. Observed at most 0.23 in 600 random cases (float32 and float64, beta up to 0.99999).
 BIAS_CORRECTION_ERROR_FACTOR = 4.0
 
 # Dimension up to which the dense reference is solved in 50-digit arithmetic. One LU and six

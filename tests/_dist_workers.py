@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -196,6 +197,20 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         resumed_optimizer.load_state_dict(template["optim"])
         train(resumed, resumed_optimizer, data[half:])
         results["resumed_params"] = full_params(resumed)
+
+        # A NaN in rank 1's gradient shard alone skips the step on both ranks.
+        x, y = data[-1]
+        resumed_optimizer.zero_grad()
+        loss_fn(resumed(x), y).backward()
+        if rank == 1:
+            resumed[3].weight.grad.to_local()[0, 0] = float("nan")
+        before_nan = full_params(resumed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            resumed_optimizer.step()
+        after_nan = full_params(resumed)
+        results["nan_changed"] = [name for name in before_nan if not torch.equal(before_nan[name], after_nan[name])]
+        results["nan_skipped"] = [int(entry["skipped"]) for entry in resumed_optimizer.state_dict()["group_state"]]
 
         # Column sharding and blocks split across ranks are rejected with the reason.
         column = conv_model()

@@ -94,5 +94,7 @@ def test_fsdp2_matches_single_process_and_resumes():
         for name, p in reference.named_parameters():
             torch.testing.assert_close(result["params"][name], p.detach(), **DATA_PARALLEL_TOLERANCE)
             assert torch.equal(result["resumed_params"][name], result["params"][name]), name
+        assert result["nan_changed"] == [], "a NaN on one rank must skip the step on every rank"
+        assert result["nan_skipped"] == [1]
         assert "Shard(0)" in result["column_error"]
         assert "whole blocks" in result["block_error"]

@@ -336,6 +336,43 @@ def test_adapter_skip_leaves_model_and_state():
     assert state_after["group_state"][0]["skipped"].item() == 1
 
 
+def test_adapter_skip_covers_every_group():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "weight_decay": 0.0}]
+    optimizer = macfn.optim.MAC(model, groups)
+    x = torch.randn(6, 4) + 0.5
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    model[2].bias.grad[0] = float("nan")
+    params_before = copy.deepcopy(model.state_dict())
+
+    with pytest.warns(RuntimeWarning, match=r"non-finite values"):
+        optimizer.step()
+
+    _assert_same_tree(model.state_dict(), params_before)
+    group_state = optimizer.state_dict()["group_state"]
+    assert [int(entry["step"]) for entry in group_state] == [2, 2]
+    assert [int(entry["skipped"]) for entry in group_state] == [1, 1]
+
+
+def test_step_finite_flag_from_caller():
+    params = {"w": torch.ones(2, 2)}
+    config = macfn.MACConfig()
+    state = macfn.init(params, config)
+    with pytest.warns(RuntimeWarning, match=r"inputs outside this call"):
+        new_params, new_state = macfn.step(params, {"w": torch.ones(2, 2)}, None, state, config,
+                                           finite=torch.tensor(False))
+    assert torch.equal(new_params["w"], params["w"])
+    assert int(new_state["skipped"]) == 1
+    with pytest.raises(ValueError, match=r"Invalid finite tensor of shape \(2,\)"):
+        macfn.step(params, {"w": torch.ones(2, 2)}, None, state, config, finite=torch.ones(2, dtype=torch.bool))
+
+
 def test_adapter_raise_names_parameter():
     model, optimizer = _adapter_after_steps(nonfinite="raise")
     model[0].weight.grad[0, 0] = float("inf")

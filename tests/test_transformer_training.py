@@ -209,7 +209,7 @@ def _fresh_dynamo():
 
 
 BACKENDS = [(case, "aot_eager") for case in sorted(CASES)] + [
-    # Inductor code generation for these graphs took about 2 minutes on 2 busy CPU cores.
+    # Inductor code generation for these graphs took 57 to 83 s per case on 2 busy CPU cores.
     pytest.param(case, "inductor", marks=pytest.mark.slow) for case in sorted(CASES)
 ]
 
