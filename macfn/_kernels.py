@@ -152,19 +152,57 @@ def precondition(grad: Tensor, mean_activation: Tensor, damping: float, damping_
         ``[blocks, rows, d]`` in ``grad``'s dtype. Row products and ``|abar|^2`` are
         accumulated in float32 (float64 for float64 input).
     """
-    compute_dtype = accumulation_dtype(grad.dtype)
-    g = grad.to(compute_dtype)
+    return precondition_layer(grad, None, mean_activation, damping, damping_form)[0]
+
+
+def precondition_layer(
+    weight_rows: Tensor,
+    bias_rows: Tensor | None,
+    mean_activation: Tensor,
+    damping: float,
+    damping_form: DampingForm,
+) -> tuple[Tensor, Tensor | None]:
+    """Apply the MAC preconditioner to a layer whose bias gradient is the last column of ``G``.
+
+    Computes the same as :func:`precondition` on ``G = [G_w, g_b]`` without building that
+    concatenation, so the weight gradient is read twice and written once, as the update needs.
+
+    Args:
+        weight_rows: Weight gradient rows ``[blocks, rows, d_w]``.
+        bias_rows: Bias gradient ``[blocks, rows]``, or None. When ``mean_activation`` has a
+            bias column but the bias has no gradient, its column of ``G`` counts as zero.
+        mean_activation: ``[blocks, d_w]``, or ``[blocks, d_w + 1]`` with the bias input last;
+            already bias corrected.
+        damping: rho > 0.
+        damping_form: ``"decoupled"`` or ``"exact"``.
+
+    Returns:
+        The preconditioned ``(weight_rows, bias_rows)`` in the input dtypes; the second is
+        None when ``bias_rows`` is None.
+    """
+    compute_dtype = accumulation_dtype(weight_rows.dtype)
+    g = weight_rows.to(compute_dtype)
     abar = mean_activation.to(compute_dtype)
+    weight_columns = g.shape[-1]
+    abar_weight = abar[:, :weight_columns]
+    abar_bias = abar[:, weight_columns:]  # [blocks, 0 or 1]
 
-    # Step 1: coefficient of abar in each row -> [blocks, rows, 1].
+    # Step 1: coefficient of abar in each row, (G abar) / (rho + |abar|^2) -> [blocks, rows, 1].
     scale = 1.0 / (damping + (abar * abar).sum(dim=-1))
-    coefficient = torch.bmm(g, abar.unsqueeze(-1)) * scale[:, None, None]
+    coefficient = torch.bmm(g, abar_weight.unsqueeze(-1))
+    bias = None
+    if bias_rows is not None:
+        bias = bias_rows.to(compute_dtype).unsqueeze(-1)
+        coefficient = coefficient + bias * abar_bias.unsqueeze(1)
+    coefficient = coefficient * scale[:, None, None]
 
-    # Step 2: remove that multiple of abar -> [blocks, rows, d].
-    result = torch.baddbmm(g, coefficient, abar.unsqueeze(1), alpha=-1.0)
-    if damping_form == "exact":
-        result = result / damping
-    return result.to(grad.dtype)
+    # Step 2: remove that multiple of abar; the exact form also divides by rho.
+    inverse = 1.0 / damping if damping_form == "exact" else 1.0
+    weight = torch.baddbmm(g, coefficient, abar_weight.unsqueeze(1), beta=inverse, alpha=-inverse)
+    if bias is None or bias_rows is None:
+        return weight.to(weight_rows.dtype), None
+    bias = (bias - coefficient * abar_bias.unsqueeze(1)) * inverse
+    return weight.to(weight_rows.dtype), bias.squeeze(-1).to(bias_rows.dtype)
 
 
 def update_running_mean(running: Tensor, batch_mean: Tensor, stat_decay: float) -> Tensor:

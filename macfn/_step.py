@@ -172,15 +172,16 @@ def step(
             new_params[name] = moments.update(name, theta, direction, group, group_rate, config)
             continue
         weight_decay = config.weight_decay if group is None or group.weight_decay is None else group.weight_decay
+        # Each line is one out-of-place kernel in eager mode, as few as the update allows.
         if weight_decay and not config.decoupled_weight_decay:
-            direction = direction + weight_decay * theta
+            direction = torch.add(direction, theta, alpha=weight_decay)
         if config.momentum > 0:
-            buffer = state["momentum"][name] * config.momentum + direction
+            buffer = torch.add(direction, state["momentum"][name], alpha=config.momentum)
             new_momentum[name] = buffer
-            direction = direction + config.momentum * buffer if config.nesterov else buffer
+            direction = torch.add(direction, buffer, alpha=config.momentum) if config.nesterov else buffer
         if weight_decay and config.decoupled_weight_decay:
             theta = theta - (group_rate * weight_decay) * theta
-        new_params[name] = theta - group_rate * direction
+        new_params[name] = _descend(theta, direction, group_rate)
 
     new_state: MACState = {
         "step": state["step"] + 1,
@@ -196,6 +197,13 @@ def step(
         if not torch.compiler.is_compiling():
             _finite.warn_skipped(_finite.describe_nonfinite(grads, stats, rate), int(new_state["skipped"]))
     return new_params, new_state
+
+
+def _descend(theta: Tensor, direction: Tensor, rate: float | Tensor) -> Tensor:
+    """Return ``theta - rate * direction`` in one kernel; a tensor rate stays a tensor."""
+    if isinstance(rate, Tensor):
+        return torch.addcmul(theta, direction, rate.to(theta.device), value=-1)
+    return torch.add(theta, direction, alpha=-rate)
 
 
 def _finite_flag(
@@ -309,22 +317,19 @@ def _precondition_all(
             continue
         blocks, d = running.shape
         out_rows = grad_weight.shape[0]
-        rows = grad_weight.reshape(out_rows, -1)
-        bias_name = bias_name_for(weight_name) if d == rows.shape[1] + 1 else None
-        if bias_name is not None:
-            grad_bias = grads.get(bias_name)
-            bias_column = torch.zeros_like(rows[:, :1]) if grad_bias is None else grad_bias.reshape(out_rows, 1)
-            rows = torch.cat([rows, bias_column.to(rows.dtype)], dim=1)
+        weight_columns = math.prod(grad_weight.shape[1:])
+        weight_rows = grad_weight.reshape(blocks, out_rows // blocks, weight_columns)
+        bias_name = bias_name_for(weight_name) if d == weight_columns + 1 else None
+        grad_bias = grads.get(bias_name) if bias_name is not None else None
+        bias_rows = None if grad_bias is None else grad_bias.reshape(blocks, out_rows // blocks)
 
         abar = _kernels.bias_corrected_mean(running, stat_count[weight_name], config.stat_decay)
-        blocked = rows.reshape(blocks, out_rows // blocks, d)
-        result = _kernels.precondition(blocked, abar, config.damping, config.damping_form).reshape(out_rows, d)
-
-        if bias_name is not None:
-            if grads.get(bias_name) is not None:
-                directions[bias_name] = result[:, -1].reshape(params[bias_name].shape)
-            result = result[:, :-1]
-        directions[weight_name] = result.reshape(grad_weight.shape)
+        weight_direction, bias_direction = _kernels.precondition_layer(
+            weight_rows, bias_rows, abar, config.damping, config.damping_form
+        )
+        directions[weight_name] = weight_direction.reshape(grad_weight.shape)
+        if bias_name is not None and bias_direction is not None:
+            directions[bias_name] = bias_direction.reshape(params[bias_name].shape)
     return directions
 
 
