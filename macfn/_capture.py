@@ -309,7 +309,17 @@ class GradAndStats:
             extra = (aux,) if self.has_aux else ()
             return loss, (loss.detach(), stats, *extra)
 
-        grads, outputs = torch.func.grad(objective, has_aux=True)(dict(params))
+        try:
+            grads, outputs = torch.func.grad(objective, has_aux=True)(dict(params))
+        except RuntimeError as error:
+            if "mutate a captured Tensor" not in str(error):
+                raise
+            raise RuntimeError(
+                "The model updates a buffer in place during the forward pass (BatchNorm in training mode "
+                "updates running_mean, running_var and num_batches_tracked), which torch.func.grad does not "
+                "allow. Use batch statistics only with torch.func.replace_all_batch_norm_modules_(model), "
+                "put the model in eval mode, or train with macfn.optim.MAC, which runs ordinary autograd."
+            ) from error
         return (grads, outputs[1], outputs[0], *outputs[2:])
 
     def remove(self) -> None:

@@ -112,6 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"invalid --examples {examples}: expected a positive number of examples, e.g. 40")
 
     # NOTE: torch, SymPy and curvlinops load here, after parsing, so that --help and bad options return at once.
+    import importlib.util
+
+    missing = [name for name in ("sympy", "hypothesis", "curvlinops") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"python -m proofs needs {', '.join(missing)}, which is not installed. Install the test extra: "
+            "pip install -e \".[test]\" && pip install --no-deps \"curvlinops-for-pytorch>=3,<4\"",
+            file=sys.stderr,
+        )
+        return 2
     import torch
 
     # NOTE: every tensor here is tiny, so one thread is faster. With two threads, thread handoff

@@ -105,3 +105,16 @@ def test_recorder_training_only_skips_eval():
     with torch.no_grad():
         model(torch.randn(2, 4))
     assert recorder.stop() == {}
+
+
+def test_batchnorm_training_mode_error_explains_fix():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    compute = macfn.grad_and_stats(model, lambda p, inputs: functional_call(model, p, (inputs,)).sum())
+    with pytest.raises(RuntimeError, match=r"replace_all_batch_norm_modules_"):
+        compute(params, torch.randn(5, 3))
+    assert not compute.recorder.recording
+
+    torch.func.replace_all_batch_norm_modules_(model)
+    grads, stats, _ = compute(params, torch.randn(5, 3))
+    assert set(stats) == {"0.weight", "2.weight"}

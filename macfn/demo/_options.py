@@ -78,10 +78,15 @@ def resolve_device(name: object) -> torch.device:
 
 
 def check_out_dir(out: object) -> Path:
-    """Check that ``out`` can be a folder and return it as a Path; raise ValueError if it is an existing file."""
+    """Create the folder ``out`` if needed and return it as a Path; raise ValueError if that fails."""
     if not isinstance(out, (str, Path)) or str(out) == "":
         raise ValueError(f"Invalid out={out!r}: expected a folder path, e.g. 'macfn-demo'.")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"Invalid out='{path}': it exists and is not a folder. Choose another path.")
+    # The folder is created now, so that an unwritable path fails before any training.
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Invalid out='{path}': the folder cannot be created ({error.strerror}). Choose another path.") from error
     return path
