@@ -189,7 +189,13 @@ def precondition_layer(
 
     # Step 1: coefficient of abar in each row, (G abar) / (rho + |abar|^2) -> [blocks, rows, 1].
     scale = 1.0 / (damping + (abar * abar).sum(dim=-1))
-    coefficient = torch.bmm(g, abar_weight.unsqueeze(-1))
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # NOTE: inductor lowers bmm and baddbmm to library calls that it cannot fuse; as a reduction
+        # and a broadcast product they fuse with the base update into one pass over G.
+        coefficient = (g * abar_weight.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    else:
+        coefficient = torch.bmm(g, abar_weight.unsqueeze(-1))
     bias = None
     if bias_rows is not None:
         bias = bias_rows.to(compute_dtype).unsqueeze(-1)
@@ -198,7 +204,10 @@ def precondition_layer(
 
     # Step 2: remove that multiple of abar; the exact form also divides by rho.
     inverse = 1.0 / damping if damping_form == "exact" else 1.0
-    weight = torch.baddbmm(g, coefficient, abar_weight.unsqueeze(1), beta=inverse, alpha=-inverse)
+    if compiling:
+        weight = (g - coefficient * abar_weight.unsqueeze(1)) * inverse
+    else:
+        weight = torch.baddbmm(g, coefficient, abar_weight.unsqueeze(1), beta=inverse, alpha=-inverse)
     if bias is None or bias_rows is None:
         return weight.to(weight_rows.dtype), None
     bias = (bias - coefficient * abar_bias.unsqueeze(1)) * inverse
