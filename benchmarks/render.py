@@ -220,6 +220,24 @@ def compile_table(results: dict[str, Any]) -> str:
     return table + "\n\n" + recompiles
 
 
+def anatomy_table(results: dict[str, Any]) -> str:
+    """Return the probe times of ``benchmarks.anatomy`` with their ratios to SGD."""
+    entry = results.get("anatomy")
+    if not entry:
+        return "Not measured in this run (`python -m benchmarks.report --sections anatomy --merge` adds it)."
+    rows = [[name, _fmt_ms(item["median_s"]), _fmt_ratio(item["ratio"])] for name, item in entry["summary"].items()]
+    return _table([f"update at MLP W={entry['width']}", "median ms", "ratio to SGD"], rows)
+
+
+def sections_table(results: dict[str, Any]) -> str:
+    """Return when each section ran and the machine load around it."""
+    rows = [[name, item["started"], str(item["load_average_at_start"]), str(item["load_average_at_end"]),
+             f"{item['wall_clock_s'] / 60:.1f}"] for name, item in results.get("sections", {}).items()]
+    if not rows:
+        return ""
+    return _table(["section", "started", "load average at start (1, 5, 15 min)", "at end", "minutes"], rows)
+
+
 def tasks_table(results: dict[str, Any]) -> str:
     """Return median time and steps to the loss target per task and optimizer."""
     rows = []
@@ -303,6 +321,11 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     return written
 
 
+def _task_threads(results: dict[str, Any]) -> str:
+    threads = sorted({str(entry.get("threads", "?")) for entry in results.get("time_to_target", {}).values()})
+    return f"{', '.join(threads)} thread" + ("" if threads == ["1"] else "s")
+
+
 def environment_table(results: dict[str, Any]) -> str:
     """Return the environment of the run as a two-column table."""
     env = results["environment"]
@@ -353,6 +376,8 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "",
         environment_table(results),
         "",
+        sections_table(results),
+        "",
         "No GPU was available, so `benchmarks/gpu.sh` (the same suite on CUDA, one table) has not been run.",
         "",
         "## How to read the numbers",
@@ -386,6 +411,14 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "## Training step: median ms per step (ratio to SGD)",
         "",
         timing_table(results, "train_step"),
+        "",
+        "## Where the time of the compiled update goes",
+        "",
+        "`python -m benchmarks.anatomy` times hand-written functional MAC updates of the MLP that differ from "
+        "the fastest one in one choice each (see the module's docstring), next to macfn's compiled step and SGD. "
+        "The gap between `minimal` and `macfn-compiled` is what the formulation of the core costs.",
+        "",
+        anatomy_table(results),
         "",
         "## Scaling with width",
         "",
@@ -421,7 +454,12 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "Wall-clock training time until the training loss (evaluated every few steps on the whole digits "
         "training set, or on 128 fixed windows of the text; evaluations untimed) first reaches the target. "
         "The clock starts after the first step, so compilation is not in it. Medians over seeds; a variant "
-        "that missed the target on any seed has no median.",
+        "that missed the target on any seed has no median. "
+        f"These runs use {_task_threads(results)} (`torch.set_num_threads`), as `python -m macfn demo` does: "
+        "the models are so small that a second thread mostly adds synchronisation. "
+        "SGD and every MAC variant use the authors' settings (lr 0.1, momentum 0.9); AdamW uses lr 1e-3 "
+        "(torch's default) on digits and 3e-3 on text; KFAC's lr 0.01 and damping 0.1 were picked from a "
+        "3 x 3 grid on seed 0 of digits-mlp, where damping 0.01 diverged. Nothing else was tuned.",
         "",
         tasks_table(results),
         "",

@@ -28,7 +28,7 @@ import torch
 
 import macfn
 
-from . import render, tasks
+from . import anatomy, render, tasks
 from .models import Workload, build_workload
 from .timing import environment, load_average, peak_step_bytes, summarize, time_interleaved
 from .variants import (
@@ -60,11 +60,16 @@ class Plan:
         heavy_repeats: Timed blocks per variant on ``heavy_workloads``.
         heavy_workloads: Workloads where the dense and KFAC variants take seconds per step.
         skip: ``{workload: {variant: reason}}`` pairs that are not run.
-        stats_workloads: Workloads for the statistics-capture cost.
-        recompile_workloads: Workloads for the recompile count under a cosine schedule.
+        stats_workloads: Workloads for the statistics-capture cost, eager.
+        stats_compiled_workloads: Workloads for the statistics-capture cost, compiled too.
+        anatomy_width: MLP width of the probes that take the compiled update apart.
+        recompile_workloads: Workloads, in their tiny size, for the recompile count under a
+            cosine schedule; the count depends on the graph's structure, not on its sizes.
         tasks: Time-to-target tasks.
         task_variants: Variants in the time-to-target runs.
         seeds: Seeds per time-to-target run.
+        task_threads: ``torch.set_num_threads`` for the time-to-target runs. Their models are so
+            small that a second thread mostly adds synchronisation, as in ``python -m macfn demo``.
     """
 
     name: str
@@ -76,10 +81,13 @@ class Plan:
     heavy_workloads: tuple[str, ...]
     skip: dict[str, dict[str, str]]
     stats_workloads: tuple[str, ...]
+    stats_compiled_workloads: tuple[str, ...]
+    anatomy_width: int
     recompile_workloads: tuple[str, ...]
     tasks: tuple[str, ...]
     task_variants: tuple[str, ...]
     seeds: int
+    task_threads: int
 
 
 MAIN_VARIANTS = ("sgd", "adamw", "macfn-eager", "macfn-compiled", "macfn-optim", "dense-mac", "kfac")
@@ -95,13 +103,17 @@ PLANS = {
         repeats=7,
         heavy_repeats=2,
         heavy_workloads=("mlp-4096",),
-        skip={"mlp-4096": {"kfac": "about 3 s per step (two 4096^3 products per step plus Cholesky "
-                                    "factorisations), more than this run's time budget"}},
+        skip={"mlp-4096": {"kfac": "each step multiplies the 4096 x 4097 gradient by two inverse factors "
+                                    "of about 4096 x 4096 (an estimated 2 to 3 s per step on 2 cores), which "
+                                    "does not fit the run's 20-minute budget"}},
         stats_workloads=("mlp-2048", "cnn", "vit", "gpt"),
-        recompile_workloads=("mlp-256", "gpt"),
+        stats_compiled_workloads=("mlp-2048", "cnn"),
+        anatomy_width=2048,
+        recompile_workloads=("mlp-256", "cnn", "gpt"),
         tasks=("digits-mlp", "digits-cnn", "text-gpt"),
         task_variants=TASK_VARIANTS,
         seeds=3,
+        task_threads=1,
     ),
     "quick": Plan(
         name="quick",
@@ -113,10 +125,13 @@ PLANS = {
         heavy_workloads=(),
         skip={},
         stats_workloads=("mlp-2048",),
+        stats_compiled_workloads=("mlp-2048",),
+        anatomy_width=2048,
         recompile_workloads=("mlp-256",),
         tasks=("digits-mlp",),
         task_variants=("sgd", "macfn-eager", "dense-mac"),
         seeds=3,
+        task_threads=1,
     ),
 }
 
@@ -242,13 +257,13 @@ class _UndeclaredMAC(FunctionalMAC):
         self.compute = macfn.grad_and_stats(model, self._loss)
 
 
-def measure_stats_cost(name: str, device: torch.device, repeats: int) -> dict[str, Any]:
-    """Time training steps with and without statistics, eager and compiled."""
+def measure_stats_cost(name: str, device: torch.device, repeats: int, *, compiled_too: bool) -> dict[str, Any]:
+    """Time training steps with and without statistics, eager (and compiled when ``compiled_too``)."""
     torch._dynamo.reset()
     workload = build_workload(name, device=device)
     has_attention = name in ("vit", "gpt")
     contenders: dict[str, Variant] = {"sgd": build_variant("sgd", workload)}
-    for compiled in (False, True):
+    for compiled in (False, True) if compiled_too else (False,):
         suffix = "compiled" if compiled else "eager"
         model = copy.deepcopy(workload.model)
         contenders[f"plain-{suffix}"] = _PlainMAC(f"plain-{suffix}", model, workload.config, compiled=compiled)
@@ -272,7 +287,7 @@ def count_recompiles(name: str, device: torch.device, steps: int = 100) -> dict[
     """Count compiled graphs added after the first step over ``steps`` steps of a cosine schedule."""
     from torch._dynamo.utils import counters
 
-    workload = build_workload(name, device=device)
+    workload = build_workload(name, device=device, tiny=True)
     result: dict[str, Any] = {}
     candidates = ["macfn-compiled", "sgd-compiled"] + (["macfn-optim-compiled"] if macfn_optim_available() else [])
     for variant_name in candidates:
@@ -317,7 +332,16 @@ def _cosine_schedule(variant: Variant, steps: int) -> Callable[[], None]:
 
 
 def measure_tasks(plan: Plan, device: torch.device) -> dict[str, Any]:
-    """Run every time-to-target task for every variant and seed."""
+    """Run every time-to-target task for every variant and seed, with ``plan.task_threads`` threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.task_threads)
+    try:
+        return _measure_tasks(plan, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_tasks(plan: Plan, device: torch.device) -> dict[str, Any]:
     builders: dict[str, Callable[[], tasks.Task]] = {
         "digits-mlp": lambda: tasks.digits_task("MLP", device),
         "digits-cnn": lambda: tasks.digits_task("CNN", device),
@@ -332,34 +356,51 @@ def measure_tasks(plan: Plan, device: torch.device) -> dict[str, Any]:
             per_variant[variant_name] = {"runs": runs, "summary": tasks.summarize_runs(runs)}
             _log(f"{task_name}: {variant_name} {per_variant[variant_name]['summary']}")
         results[task_name] = {
-            "target": task.target, "batch": task.batch, "eval_every": task.eval_every,
+            "threads": torch.get_num_threads(), "target": task.target, "batch": task.batch, "eval_every": task.eval_every,
             "max_seconds": task.max_seconds, "lrs": {n: task.lrs.get(n, task.config.lr) for n in per_variant},
             "kfac_damping": task.kfac_damping, "config": dataclasses.asdict(task.config), "variants": per_variant,
         }
     return results
 
 
-def run(plan: Plan, device: torch.device, sections: Sequence[str]) -> dict[str, Any]:
-    """Run the selected sections of ``plan`` and return every result with the environment."""
+def run(plan: Plan, device: torch.device, sections: Sequence[str],
+        save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the selected sections of ``plan`` and return every result with the environment.
+
+    ``save`` receives the results after every section, so that a run stopped later keeps them.
+    """
     results: dict[str, Any] = {"environment": environment(device), "plan": dataclasses.asdict(plan),
                                "command": " ".join(["python -m benchmarks.report", *sys.argv[1:]]),
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sections": {}}
     started = time.perf_counter()
-    if "steps" in sections:
-        results["workloads"] = {name: measure_workload(plan, name, device) for name in plan.step_workloads}
-    if "stats" in sections:
-        repeats = max(3, plan.repeats - 2)
-        results["stats_cost"] = {name: measure_stats_cost(name, device, repeats) for name in plan.stats_workloads}
-    if "compile" in sections:
-        results["recompiles"] = {name: count_recompiles(name, device) for name in plan.recompile_workloads}
-    if "tasks" in sections:
-        results["time_to_target"] = measure_tasks(plan, device)
+    for section in sections:
+        section_start = time.perf_counter()
+        record = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_at_start": load_average()}
+        if section == "steps":
+            results["workloads"] = {name: measure_workload(plan, name, device) for name in plan.step_workloads}
+        elif section == "anatomy" and device.type == "cpu":
+            results["anatomy"] = anatomy.measure(plan.anatomy_width, plan.repeats)
+        elif section == "stats":
+            repeats = max(3, plan.repeats - 2)
+            results["stats_cost"] = {
+                name: measure_stats_cost(name, device, repeats, compiled_too=name in plan.stats_compiled_workloads)
+                for name in plan.stats_workloads
+            }
+        elif section == "compile":
+            results["recompiles"] = {name: count_recompiles(name, device) for name in plan.recompile_workloads}
+        elif section == "tasks":
+            results["time_to_target"] = measure_tasks(plan, device)
+        record["load_average_at_end"] = load_average()
+        record["wall_clock_s"] = time.perf_counter() - section_start
+        results["sections"][section] = record
+        if save is not None:
+            save(results)
     results["environment"]["load_average_at_end"] = load_average()
     results["wall_clock_s"] = time.perf_counter() - started
     return results
 
 
-SECTIONS = ("steps", "stats", "compile", "tasks")
+SECTIONS = ("steps", "anatomy", "stats", "compile", "tasks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="results file (default: docs/benchmarks.json, or docs/benchmarks-cuda.json)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite docs/benchmarks.md and the plots from the results file, measuring nothing")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the measured sections in an existing results file, keeping the rest")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -390,15 +433,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render_only:
         results = json.loads(json_path.read_text(encoding="utf-8"))
     else:
-        results = run(PLANS[args.plan], device, sections)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(_finite(results), indent=1) + "\n", encoding="utf-8")
-        _log(f"wrote {json_path}")
+        previous = json.loads(json_path.read_text(encoding="utf-8")) if args.merge and json_path.exists() else None
+
+        def save(partial: dict[str, Any]) -> None:
+            combined = partial if previous is None else _merge(previous, partial)
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(_finite(combined), indent=1) + "\n", encoding="utf-8")
+            _log(f"wrote {json_path}")
+
+        results = run(PLANS[args.plan], device, sections, save)
+        if previous is not None:
+            results = _merge(previous, results)
     if device.type == "cpu":
         render.write_page(results, ROOT / "docs")
         _log(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
     print(render.summary_table(results))
     return 0
+
+
+def _merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Return ``previous`` with the sections measured in ``new`` replaced."""
+    merged = dict(previous)
+    for key in ("workloads", "anatomy", "stats_cost", "recompiles", "time_to_target"):
+        if key in new:
+            merged[key] = new[key]
+    merged["sections"] = {**previous.get("sections", {}), **new["sections"]}
+    merged["command"] = f"{previous.get('command', '')}; then {new['command']}"
+    return merged
 
 
 def _finite(tree: Any) -> Any:

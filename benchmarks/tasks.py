@@ -113,10 +113,10 @@ def text_task(device: torch.device) -> Task:
         eval_x=inputs[picked].to(device), eval_y=targets[picked].to(device),
         build_model=lambda: models.GPT(vocab=vocab, context=TEXT_CONTEXT, dim=64, depth=2, heads=4),
         config=models.TRANSFORMER_CONFIG,
-        target=2.5,
+        target=2.3,
         batch=TEXT_BATCH,
         eval_every=10,
-        max_seconds=60.0,
+        max_seconds=30.0,
         lrs={"adamw": 3e-3, "kfac": 0.01},
         kfac_damping=0.1,
     )
