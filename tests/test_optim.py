@@ -387,6 +387,11 @@ def test_split_layer_with_other_damping_raises():
         macfn.optim.MAC(_model(), groups)
 
 
+# Traced code computes G abar as a broadcast product and a sum instead of bmm, so that inductor can
+# fuse it; float32 rounding then differs from eager by about 1e-7 per step.
+COMPILED_TOLERANCE = 1e-5
+
+
 @pytest.mark.compile
 def test_compiled_update_has_no_recompiles():
     batches = _batches(8)
@@ -404,7 +409,7 @@ def test_compiled_update_has_no_recompiles():
     # One graph for statistics steps and one for the steps between; fullgraph=True rules out breaks.
     assert counter.frame_count == 2
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=COMPILED_TOLERANCE, atol=COMPILED_TOLERANCE)
 
 
 @pytest.mark.compile
@@ -426,7 +431,7 @@ def test_compiled_optimizer_step_traces_whole():
 
     assert counter.frame_count == 1
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-        assert torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=COMPILED_TOLERANCE, atol=COMPILED_TOLERANCE)
 
 
 @pytest.mark.compile
