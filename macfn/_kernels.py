@@ -191,8 +191,8 @@ def precondition_layer(
     scale = 1.0 / (damping + (abar * abar).sum(dim=-1))
     compiling = torch.compiler.is_compiling()
     if compiling:
-        # NOTE: inductor lowers bmm and baddbmm to library calls that it cannot fuse; as a reduction
-        # and a broadcast product they fuse with the base update into one pass over G.
+        # NOTE: inductor lowers bmm and baddbmm to library calls that it cannot fuse. As a reduction
+        # and a broadcast product, they fuse with the base update into one pass over G.
         coefficient = (g * abar_weight.unsqueeze(1)).sum(dim=-1, keepdim=True)
     else:
         coefficient = torch.bmm(g, abar_weight.unsqueeze(-1))
