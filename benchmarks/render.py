@@ -329,7 +329,7 @@ def _task_threads(results: dict[str, Any]) -> str:
 def environment_table(results: dict[str, Any]) -> str:
     """Return the environment of the run as a two-column table."""
     env = results["environment"]
-    keys = ("cpu", "cpu_count", "torch_threads", "torch", "python", "platform", "device",
+    keys = ("cpu", "cpu_count", "torch_threads", "torch", "python", "platform", "device", "macfn_commit",
             "load_average_at_start", "load_average_at_end")
     rows = [[key, str(env[key])] for key in keys if key in env]
     rows.append(["started", results.get("started", "-")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -161,6 +162,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "load_average_at_start": load_average(),
     }
+    info["macfn_commit"] = _git_commit()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -168,10 +170,22 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _git_commit() -> str:
+    """Return the repository's commit, with "+ local changes" when macfn/ differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False, timeout=10).stdout.strip()
+        # NOTE: --no-optional-locks keeps git status from rewriting the index while it runs.
+        status = ["git", "--no-optional-locks", "-C", root, "status", "--porcelain", "--", "macfn"]
+        changed = subprocess.run(status, capture_output=True, text=True, check=False, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" + local changes in macfn/" if changed else "")
+
+
 def _nvidia_driver() -> str:
     try:
-        import subprocess
-
         result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, check=False, timeout=10)
         return result.stdout.strip() or "unknown"
