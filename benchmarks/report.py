@@ -101,7 +101,7 @@ PLANS = {
         train_workloads=("mlp-2048", "cnn", "vit", "gpt"),
         target_workloads=("mlp-2048", "cnn", "gpt"),
         repeats=5,
-        heavy_repeats=2,
+        heavy_repeats=4,
         heavy_workloads=("mlp-4096",),
         skip={"mlp-4096": {"kfac": "each step multiplies the 4096 x 4097 gradient by two inverse factors "
                                     "of about 4096 x 4096 (an estimated 2 to 3 s per step on 2 cores), which "
@@ -393,7 +393,10 @@ def run(plan: Plan, device: torch.device, sections: Sequence[str],
             results["time_to_target"] = measure_tasks(plan, device)
         record["load_average_at_end"] = load_average()
         record["wall_clock_s"] = time.perf_counter() - section_start
-        results["sections"][section] = record
+        label = section
+        if section == "steps" and plan.step_workloads != PLANS[plan.name].step_workloads:
+            label = f"steps ({', '.join(plan.step_workloads)})"
+        results["sections"][label] = record
         if save is not None:
             save(results)
     results["environment"]["load_average_at_end"] = load_average()
@@ -416,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="results file (default: docs/benchmarks.json, or docs/benchmarks-cuda.json)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite docs/benchmarks.md and the plots from the results file, measuring nothing")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated subset of the plan's step workloads, e.g. mlp-2048,gpt")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the measured sections in an existing results file, keeping the rest")
     args = parser.parse_args(argv)
@@ -429,6 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown sections {unknown}: expected a subset of {','.join(SECTIONS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    plan = PLANS[args.plan]
+    if args.workloads:
+        chosen = tuple(w for w in args.workloads.split(",") if w)
+        unknown_workloads = sorted(set(chosen) - set(plan.step_workloads))
+        if unknown_workloads:
+            parser.error(f"unknown workloads {unknown_workloads}: expected a subset of {','.join(plan.step_workloads)}")
+        plan = dataclasses.replace(plan, step_workloads=chosen)
     json_path = args.json or ROOT / "docs" / ("benchmarks.json" if device.type == "cpu" else "benchmarks-cuda.json")
 
     if args.render_only:
@@ -442,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_path.write_text(json.dumps(_finite(combined), indent=1) + "\n", encoding="utf-8")
             _log(f"wrote {json_path}")
 
-        results = run(PLANS[args.plan], device, sections, save)
+        results = run(plan, device, sections, save)
         if previous is not None:
             results = _merge(previous, results)
     if device.type == "cpu":
@@ -453,11 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Return ``previous`` with the sections measured in ``new`` replaced."""
+    """Return ``previous`` with the sections (and, for the step timings, the workloads) in ``new`` replaced."""
     merged = dict(previous)
-    for key in ("workloads", "anatomy", "stats_cost", "recompiles", "time_to_target"):
+    for key in ("anatomy", "stats_cost", "recompiles", "time_to_target"):
         if key in new:
             merged[key] = new[key]
+    if "workloads" in new:
+        merged["workloads"] = {**previous.get("workloads", {}), **new["workloads"]}
     merged["sections"] = {**previous.get("sections", {}), **new["sections"]}
     merged["command"] = f"{previous.get('command', '')}; then {new['command']}"
     return merged
