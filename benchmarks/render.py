@@ -284,6 +284,8 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
                                (axes[1], "state_bytes", "optimizer state (bytes)")):
             fitted = slopes(results, key)
             for variant, points in _mlp_series(results, key).items():
+                if len(points) < 3:
+                    continue
                 widths, values = zip(*points)
                 slope = fitted.get(variant)
                 name = variant if slope is None else f"{variant} (slope {slope:.2f})"
@@ -333,7 +335,7 @@ def environment_table(results: dict[str, Any]) -> str:
             "load_average_at_start", "load_average_at_end")
     rows = [[key, str(env[key])] for key in keys if key in env]
     rows.append(["started", results.get("started", "-")])
-    rows.append(["wall clock of the run", f"{results.get('wall_clock_s', 0) / 60:.1f} min"])
+    rows.append(["wall clock of the first run", f"{results.get('wall_clock_s', 0) / 60:.1f} min"])
     return _table(["", ""], rows)
 
 

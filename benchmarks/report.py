@@ -48,7 +48,7 @@ BASELINE = "sgd"
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What one run measures.
+    """The workloads, repeats and tasks of one run.
 
     Attributes:
         name: Plan name.
@@ -455,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"wrote {json_path}")
 
         results = run(plan, device, sections, save)
+        save(results)
         if previous is not None:
             results = _merge(previous, results)
     if device.type == "cpu":
@@ -473,6 +474,7 @@ def _merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     if "workloads" in new:
         merged["workloads"] = {**previous.get("workloads", {}), **new["workloads"]}
     merged["sections"] = {**previous.get("sections", {}), **new["sections"]}
+    # The environment and the wall clock stay those of the run that wrote the file first.
     merged["command"] = f"{previous.get('command', '')}; then {new['command']}"
     return merged
 

@@ -2,10 +2,10 @@
 
 Digits: scikit-learn's 8x8 handwritten digits with the demo's MLP and CNN
 (``macfn.demo.digits``). Text: next-character prediction on the help texts that ship with
-CPython (``pydoc_data.topics``) with a small GPT. For each optimizer and seed the clock runs
-only during training steps, from the end of the first step (which compiles, where a variant
-compiles) until the first evaluation of the training loss at or below the target; the
-evaluations themselves are not timed.
+CPython (``pydoc_data.topics``) with a small GPT. For each optimizer and seed, the clock runs
+only during training steps. It starts at the end of the first step, which compiles where a
+variant compiles, and stops at the first evaluation of the training loss at or below the
+target. The evaluations themselves are not timed.
 """
 
 from __future__ import annotations

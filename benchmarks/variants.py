@@ -391,13 +391,13 @@ class CurvlinopsKFAC:
     """KFAC built from curvlinops-for-pytorch's operators, applied before a momentum step.
 
     Every ``refresh_period`` steps, ``KFACLinearOperator`` computes the Kronecker factors
-    ``A = E[a a^T]`` and ``P = E[g g^T]`` on the current batch (one extra forward pass and
-    one backward pass with labels sampled from the model, the Monte-Carlo Fisher); the
-    factors enter a running average with weight ``KFAC_FACTOR_DECAY`` on the old value, and
-    ``KFACInverseLinearOperator`` inverts them by damped Cholesky factorisation (damping
-    split between the factors by the heuristic of Martens and Grosse, 2015). Every step
-    multiplies the nn.Linear and nn.Conv2d gradients by the cached inverse, then
-    ``torch.optim.SGD`` takes the momentum step; every other parameter gets plain SGD.
+    ``A = E[a a^T]`` and ``P = E[g g^T]`` on the current batch. That costs one extra forward
+    pass and one backward pass with labels sampled from the model (the Monte-Carlo Fisher).
+    The factors enter a running average with weight ``KFAC_FACTOR_DECAY`` on the old value.
+    ``KFACInverseLinearOperator`` then inverts them by damped Cholesky factorisation, with the
+    damping split between the factors by the heuristic of Martens and Grosse (2015). Every
+    step multiplies the nn.Linear and nn.Conv2d gradients by the cached inverse, then
+    ``torch.optim.SGD`` takes the momentum step. Every other parameter gets plain SGD.
     """
 
     def __init__(self, name: str, model: nn.Module, config: macfn.MACConfig, *, sequence_length: int,

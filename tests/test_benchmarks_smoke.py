@@ -28,7 +28,8 @@ def _run_twice(workload_name: str, variant_name: str) -> None:
     second = variant.train_step(workload.inputs, workload.targets)
     variant.prepare(workload.inputs, workload.targets)
     variant.optimizer_step()
-    assert math.isfinite(float(first)) and math.isfinite(float(second))
+    assert math.isfinite(float(first))
+    assert math.isfinite(float(second))
     assert math.isfinite(float(variant.loss_on(workload.inputs, workload.targets)))
     assert state_bytes(variant) > 0
 
