@@ -42,7 +42,8 @@ def test_config_defaults_are_authors_cifar_settings():
     assert (config.lr, config.momentum, config.weight_decay, config.damping, config.stat_decay) == (
         0.1, 0.9, 5e-4, 1.0, 0.95)
     assert config.damping_form == "decoupled"
-    assert not config.nesterov and not config.decoupled_weight_decay
+    assert not config.nesterov
+    assert not config.decoupled_weight_decay
 
 
 def test_nesterov_needs_momentum():
