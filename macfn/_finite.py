@@ -37,11 +37,16 @@ def all_finite(tensors: Iterable[Tensor]) -> Tensor:
 
 
 def describe_nonfinite(
-    grads: Mapping[str, Tensor | None], stats: Mapping[str, Tensor] | None, lr: object
+    grads: Mapping[str, Tensor | None],
+    stats: Mapping[str, Tensor] | None,
+    lr: object,
+    coefficients: Mapping[str, Tensor] | None = None,
 ) -> list[str]:
     """List the tensors that contain NaN or infinity, e.g. ``"gradient 'fc.weight' (2 of 12 entries)"``.
 
-    Reads tensor values, so it runs in eager mode only.
+    ``coefficients`` are the row coefficients ``G abar`` of preconditioned layers; one is
+    listed only when it is non-finite although its inputs are finite (its row products
+    overflowed). Reads tensor values, so it runs in eager mode only.
     """
     found: list[str] = []
     for name, grad in grads.items():
@@ -51,6 +56,9 @@ def describe_nonfinite(
         found.extend(_describe("statistics of layer", name, batch_mean))
     if isinstance(lr, Tensor):
         found.extend(_describe("learning rate", "lr", lr))
+    if not found:
+        for name, coefficient in (coefficients or {}).items():
+            found.extend(_describe("overflowing row products G abar of layer", name, coefficient))
     return found
 
 

@@ -8,6 +8,8 @@ the trailing 1 for a bias. No kernel here forms a ``d x d`` matrix.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -152,7 +154,19 @@ def precondition(grad: Tensor, mean_activation: Tensor, damping: float, damping_
         ``[blocks, rows, d]`` in ``grad``'s dtype. Row products and ``|abar|^2`` are
         accumulated in float32 (float64 for float64 input).
     """
-    return precondition_layer(grad, None, mean_activation, damping, damping_form)[0]
+    return precondition_layer(grad, None, mean_activation, damping, damping_form).weight
+
+
+class PreconditionedLayer(NamedTuple):
+    """The result of :func:`precondition_layer`."""
+
+    weight: Tensor
+    """Preconditioned weight rows ``[blocks, rows, d_w]`` in the gradient's dtype."""
+    bias: Tensor | None
+    """Preconditioned bias ``[blocks, rows]``, or None without a bias gradient."""
+    coefficient: Tensor
+    """``(G abar) / (rho + |abar|^2)`` per row, ``[blocks, rows, 1]`` in the accumulation dtype.
+    It is NaN or infinite when any entry of ``G`` is, so it doubles as the layer's finite check."""
 
 
 def precondition_layer(
@@ -161,24 +175,33 @@ def precondition_layer(
     mean_activation: Tensor,
     damping: float,
     damping_form: DampingForm,
-) -> tuple[Tensor, Tensor | None]:
+    correction: Tensor | None = None,
+) -> PreconditionedLayer:
     """Apply the MAC preconditioner to a layer whose bias gradient is the last column of ``G``.
 
     Computes the same as :func:`precondition` on ``G = [G_w, g_b]`` without building that
     concatenation, so the weight gradient is read twice and written once, as the update needs.
 
+    With a running mean ``m`` and its bias correction ``c = 1 - stat_decay^k``, the mean
+    activation is ``abar = m / c``, and
+
+        (G abar) abar^T / (rho + |abar|^2) = (G m) m^T / (rho c^2 + |m|^2),
+
+    so the correction enters once per block, in the denominator, and never in the loop over
+    the entries of ``G``.
+
     Args:
         weight_rows: Weight gradient rows ``[blocks, rows, d_w]``.
         bias_rows: Bias gradient ``[blocks, rows]``, or None. When ``mean_activation`` has a
             bias column but the bias has no gradient, its column of ``G`` counts as zero.
-        mean_activation: ``[blocks, d_w]``, or ``[blocks, d_w + 1]`` with the bias input last;
-            already bias corrected.
+        mean_activation: ``[blocks, d_w]``, or ``[blocks, d_w + 1]`` with the bias input last.
         damping: rho > 0.
         damping_form: ``"decoupled"`` or ``"exact"``.
+        correction: 0-dim ``c`` from :func:`bias_correction` when ``mean_activation`` is a
+            running mean before bias correction; None when it is already corrected.
 
     Returns:
-        The preconditioned ``(weight_rows, bias_rows)`` in the input dtypes; the second is
-        None when ``bias_rows`` is None.
+        The preconditioned weight and bias rows in the input dtypes, and the row coefficients.
     """
     compute_dtype = accumulation_dtype(weight_rows.dtype)
     g = weight_rows.to(compute_dtype)
@@ -188,7 +211,14 @@ def precondition_layer(
     abar_bias = abar[:, weight_columns:]  # [blocks, 0 or 1]
 
     # Step 1: coefficient of abar in each row, (G abar) / (rho + |abar|^2) -> [blocks, rows, 1].
-    scale = 1.0 / (damping + (abar * abar).sum(dim=-1))
+    squared_norm = (abar * abar).sum(dim=-1)
+    if correction is None:
+        scale = 1.0 / (damping + squared_norm)
+    else:
+        damping_term = (damping * correction * correction).to(compute_dtype)
+        # NOTE: a layer without statistics has m = 0 and c = 0; the clamp keeps its scale finite,
+        # so its coefficient is 0 and its preconditioner the identity.
+        scale = 1.0 / (damping_term + squared_norm).clamp_min(torch.finfo(compute_dtype).tiny)
     compiling = torch.compiler.is_compiling()
     if compiling:
         # NOTE: inductor lowers bmm and baddbmm to library calls that it cannot fuse. As a reduction
@@ -209,14 +239,24 @@ def precondition_layer(
     else:
         weight = torch.baddbmm(g, coefficient, abar_weight.unsqueeze(1), beta=inverse, alpha=-inverse)
     if bias is None or bias_rows is None:
-        return weight.to(weight_rows.dtype), None
+        return PreconditionedLayer(weight.to(weight_rows.dtype), None, coefficient)
     bias = (bias - coefficient * abar_bias.unsqueeze(1)) * inverse
-    return weight.to(weight_rows.dtype), bias.squeeze(-1).to(bias_rows.dtype)
+    return PreconditionedLayer(weight.to(weight_rows.dtype), bias.squeeze(-1).to(bias_rows.dtype), coefficient)
 
 
 def update_running_mean(running: Tensor, batch_mean: Tensor, stat_decay: float) -> Tensor:
     """Return ``stat_decay * running + (1 - stat_decay) * batch_mean``."""
     return running * stat_decay + batch_mean.to(running.dtype) * (1.0 - stat_decay)
+
+
+def bias_correction(count: Tensor, stat_decay: float, dtype: torch.dtype) -> Tensor:
+    """Return Adam's bias correction ``1 - stat_decay^count`` as a 0-dim tensor of ``dtype``."""
+    # NOTE: the correction is computed in float64 because 1 - beta^k cancels badly near beta = 1:
+    # with beta rounded to float32, beta = 0.99999 gave a correction off by 1.4e-3 at k = 1.
+    # MPS has no float64, so it keeps the requested dtype.
+    work_dtype = dtype if count.device.type == "mps" else torch.float64
+    decay = torch.tensor(stat_decay, dtype=work_dtype, device=count.device)
+    return (1.0 - torch.pow(decay, count.to(work_dtype))).to(dtype)
 
 
 def bias_corrected_mean(running: Tensor, count: Tensor, stat_decay: float) -> Tensor:
@@ -225,10 +265,5 @@ def bias_corrected_mean(running: Tensor, count: Tensor, stat_decay: float) -> Te
     A layer with no statistics yet (``count == 0``) has ``running == 0`` and gets 0, so its
     preconditioner is the identity.
     """
-    # NOTE: the correction is computed in float64 because 1 - beta^k cancels badly near beta = 1:
-    # with beta rounded to float32, beta = 0.99999 gave a correction off by 1.4e-3 at k = 1.
-    # MPS has no float64, so it keeps the running mean's dtype.
-    dtype = running.dtype if running.device.type == "mps" else torch.float64
-    decay = torch.tensor(stat_decay, dtype=dtype, device=running.device)
-    correction = (1.0 - torch.pow(decay, count.to(dtype))).to(running.dtype)
+    correction = bias_correction(count, stat_decay, running.dtype)
     return running / correction.clamp_min(torch.finfo(running.dtype).tiny)

@@ -152,10 +152,9 @@ def step(
             f"Invalid finite tensor of shape {tuple(finite.shape)} and dtype {finite.dtype}: expected a 0-dim bool "
             "tensor, e.g. the result of a finiteness check over other parameter groups."
         )
-    finite = _finite_flag(grads, stats, state, rate, config, finite)
-
     mean_activation, stat_count = _update_statistics(state, stats, config.stat_decay)
-    directions = _precondition_all(params, grads, mean_activation, stat_count, config)
+    directions, coefficients, covered = _precondition_all(params, grads, mean_activation, stat_count, config)
+    finite = _finite_flag(grads, stats, state, rate, config, finite, coefficients, covered)
 
     new_params: dict[str, Tensor] = {}
     new_momentum = dict(state["momentum"])
@@ -195,7 +194,8 @@ def step(
         new_params, kept_state = _finite.keep_unless_finite(finite, new_params, params, new_state, state)
         new_state = cast(MACState, kept_state)
         if not torch.compiler.is_compiling():
-            _finite.warn_skipped(_finite.describe_nonfinite(grads, stats, rate), int(new_state["skipped"]))
+            report = _finite.describe_nonfinite(grads, stats, rate, coefficients)
+            _finite.warn_skipped(report, int(new_state["skipped"]))
     return new_params, new_state
 
 
@@ -213,18 +213,26 @@ def _finite_flag(
     rate: float | Tensor,
     config: MACConfig,
     external: Tensor | None,
+    coefficients: Mapping[str, Tensor],
+    covered: set[str],
 ) -> Tensor | None:
     """Apply the non-finite policy before the update; return the flag to select with, or None.
 
     ``external`` is the caller's flag for inputs this call does not see (other parameter
     groups or ranks); it is combined with the flag of this call's own inputs.
 
+    A preconditioned layer is checked through its row coefficients ``G abar``, which are NaN
+    or infinite whenever an entry of its weight or bias gradient is (``0 * inf`` is NaN). That
+    reads ``[blocks, rows]`` numbers instead of the whole gradient, and also catches row
+    products that overflow, which would otherwise write non-finite parameters.
+
     Eagerly the flag is read at once, so a finite step runs without any selection and a
     non-finite one raises (``"raise"``) or is selected away after the update (``"skip"``).
     """
     if config.nonfinite == "ignore":
         return None
-    checked = [g for g in grads.values() if g is not None] + list((stats or {}).values())
+    checked = [g for name, g in grads.items() if g is not None and name not in covered]
+    checked += list(coefficients.values()) + list((stats or {}).values())
     if isinstance(rate, Tensor):
         checked.append(rate)
     if torch.compiler.is_compiling():
@@ -245,7 +253,8 @@ def _finite_flag(
     if bool(finite):
         return None
     if config.nonfinite == "raise":
-        _finite.raise_nonfinite(_finite.describe_nonfinite(grads, stats, rate), int(state["step"]))
+        report = _finite.describe_nonfinite(grads, stats, rate, coefficients)
+        _finite.raise_nonfinite(report, int(state["step"]))
     return finite
 
 
@@ -308,9 +317,17 @@ def _precondition_all(
     mean_activation: Mapping[str, Tensor],
     stat_count: Mapping[str, Tensor],
     config: MACConfig,
-) -> dict[str, Tensor]:
-    """Return the preconditioned gradient of every parameter that has a gradient."""
+) -> tuple[dict[str, Tensor], dict[str, Tensor], set[str]]:
+    """Return the preconditioned gradient of every parameter that has a gradient.
+
+    Also returns the row coefficients ``{weight_name: [blocks, rows, 1]}`` of every
+    preconditioned layer and the names of the gradients that went into them (weights and
+    folded-in biases): a coefficient is non-finite when any entry of those gradients is,
+    or when its row products overflow.
+    """
     directions = {name: g for name, g in grads.items() if g is not None}
+    coefficients: dict[str, Tensor] = {}
+    covered: set[str] = set()
     for weight_name, running in mean_activation.items():
         grad_weight = grads.get(weight_name)
         if grad_weight is None:
@@ -323,14 +340,19 @@ def _precondition_all(
         grad_bias = grads.get(bias_name) if bias_name is not None else None
         bias_rows = None if grad_bias is None else grad_bias.reshape(blocks, out_rows // blocks)
 
-        abar = _kernels.bias_corrected_mean(running, stat_count[weight_name], config.stat_decay)
-        weight_direction, bias_direction = _kernels.precondition_layer(
-            weight_rows, bias_rows, abar, config.damping, config.damping_form
+        correction = _kernels.bias_correction(
+            stat_count[weight_name], config.stat_decay, _kernels.accumulation_dtype(grad_weight.dtype)
         )
-        directions[weight_name] = weight_direction.reshape(grad_weight.shape)
-        if bias_name is not None and bias_direction is not None:
-            directions[bias_name] = bias_direction.reshape(params[bias_name].shape)
-    return directions
+        layer = _kernels.precondition_layer(
+            weight_rows, bias_rows, running, config.damping, config.damping_form, correction
+        )
+        directions[weight_name] = layer.weight.reshape(grad_weight.shape)
+        coefficients[weight_name] = layer.coefficient
+        covered.add(weight_name)
+        if bias_name is not None and layer.bias is not None:
+            directions[bias_name] = layer.bias.reshape(params[bias_name].shape)
+            covered.add(bias_name)
+    return directions, coefficients, covered
 
 
 # Checks at the public boundary. They read only names and shapes, so in compiled code they

@@ -122,6 +122,49 @@ def test_skip_leaves_state_unchanged(kind):
     assert new_state["skipped"].item() == 1
 
 
+def _one_layer_step_inputs(grad_weight: Tensor, mean: list[float]):
+    params = {"fc.weight": torch.ones(2, len(mean))}
+    grads = {"fc.weight": grad_weight}
+    stats = {"fc.weight": torch.tensor([mean])}
+    return params, grads, stats
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)])
+def test_infinite_gradient_under_zero_mean_activation_is_skipped(compiled):
+    # The finite check of a preconditioned layer reads its row products G abar; an infinite
+    # entry meets a zero of abar there, and inf * 0 is NaN, so the step is still skipped.
+    grad = torch.zeros(2, 3)
+    grad[1, 1] = float("inf")
+    params, grads, stats = _one_layer_step_inputs(grad, [1.0, 0.0, 2.0])
+    config = macfn.MACConfig()
+    state = macfn.init(params, config, stats)
+    step = torch.compile(macfn.step, fullgraph=True) if compiled else macfn.step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        new_params, new_state = step(params, grads, stats, state, config)
+
+    _assert_same_tree(new_params, params)
+    _assert_same_tree(new_state, state, skip=("skipped",))
+    assert new_state["skipped"].item() == 1
+    if not compiled:
+        assert any("gradient 'fc.weight' (1 of 6 entries)" in str(w.message) for w in caught)
+    torch._dynamo.reset()
+
+
+def test_overflowing_row_products_are_skipped_and_named():
+    # Every input is finite, but G abar exceeds the float32 range; the update would write NaN.
+    params, grads, stats = _one_layer_step_inputs(torch.full((2, 3), 3e38), [10.0, 10.0, 10.0])
+    config = macfn.MACConfig()
+    state = macfn.init(params, config, stats)
+    with pytest.warns(RuntimeWarning, match=r"overflowing row products G abar of layer 'fc\.weight' \(2 of 2 entries\)"):
+        new_params, new_state = macfn.step(params, grads, stats, state, config)
+
+    _assert_same_tree(new_params, params)
+    assert new_state["skipped"].item() == 1
+    with pytest.raises(FloatingPointError, match=r"overflowing row products G abar of layer 'fc\.weight'"):
+        macfn.step(params, grads, stats, state, config.replace(nonfinite="raise"))
+
+
 def test_skipped_steps_do_not_change_trajectory():
     config = macfn.MACConfig(stat_decay=0.9)
     model = _model()
