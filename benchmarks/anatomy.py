@@ -9,15 +9,17 @@ same interleaved run. The probes differ in one choice each:
   ``Ghat = G - c abar^T`` as an elementwise expression that fuses into the momentum update;
   the bias correction divides by ``1 - power`` with ``power = stat_decay^k`` kept as a tensor;
 * ``+pow``: the bias correction computes ``stat_decay^k`` with ``torch.pow`` from an int64
-  count, as ``macfn._kernels.bias_corrected_mean`` does;
+  count inside the expression for ``abar``, so inductor inlines the scalar ``pow`` into every
+  loop that reads ``abar`` (macfn instead folds the correction into the per-layer denominator,
+  see ``macfn._kernels.precondition_layer``);
 * ``+finite check``: one ``torch.aminmax`` per gradient and a ``torch.where`` that keeps the
-  old values on a non-finite step, as ``nonfinite="skip"`` does;
-* ``+bias column``: the bias gradient is concatenated to the weight rows (a copy of ``G``), as
-  ``macfn._step._precondition_all`` does, with the rest still elementwise;
-* ``+bias column, bmm``: the same with ``torch.bmm`` and ``torch.baddbmm``, as
-  ``macfn._kernels.precondition`` does (inductor calls ``baddbmm`` as an external kernel, so it
-  cannot fuse with the update);
-* ``all of the above``: every choice of the core at once.
+  old values on a non-finite step (macfn reads the row coefficients ``G abar`` instead of the
+  gradients of its preconditioned layers, and keeps the ``torch.where``);
+* ``+bias column``: the bias gradient is concatenated to the weight rows (a copy of ``G``),
+  with the rest still elementwise;
+* ``+bias column, bmm``: the same with ``torch.bmm`` and ``torch.baddbmm``, which inductor
+  calls as external kernels that cannot fuse with the update (macfn uses them in eager mode only);
+* ``all of the above``: the four costly choices at once.
 
 Usage: ``python -m benchmarks.anatomy [--width 2048] [--repeats 9]``.
 """

@@ -27,8 +27,10 @@ VARIANT_NOTES = {
     "macfn-eager": "`macfn.grad_and_stats` + `macfn.step`, eager",
     "macfn-compiled": "`torch.compile(macfn.step, fullgraph=True)` as the optimizer step; the whole training "
                       "step (gradients, statistics, update) as one `torch.compile(fullgraph=True)` graph",
-    "macfn-compiled-nocheck": "`macfn-compiled` with `nonfinite=\"ignore\"` (no pass that checks the gradients "
-                              "for NaN and infinity)",
+    "macfn-compiled-nocheck": "`macfn-compiled` with `nonfinite=\"ignore\"` (no finite check, no selection of "
+                              "the old values)",
+    "macfn-compiled-plain": "`macfn-compiled` with `stats=None` on every step (the steps between two statistics "
+                            "refreshes): no running-mean update, fewer inputs and outputs",
     "macfn-optim": "`macfn.optim.MAC(model, ...)`, the torch.optim adapter, `compile=False`",
     "macfn-optim-compiled": "`macfn.optim.MAC(model, compile=True, ...)`, 0-dim tensor lr",
     "dense-mac": "MAC with the explicit d x d matrix `I - abar abar^T / (rho + |abar|^2)` rebuilt and multiplied "

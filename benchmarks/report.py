@@ -91,7 +91,7 @@ class Plan:
 
 
 MAIN_VARIANTS = ("sgd", "adamw", "macfn-eager", "macfn-compiled", "macfn-optim", "dense-mac", "kfac")
-TARGET_EXTRAS = ("sgd-compiled", "macfn-compiled-nocheck", "macfn-optim-compiled")
+TARGET_EXTRAS = ("sgd-compiled", "macfn-compiled-nocheck", "macfn-compiled-plain", "macfn-optim-compiled")
 TASK_VARIANTS = ("sgd", "adamw", "macfn-eager", "macfn-optim", "dense-mac", "kfac")
 
 PLANS = {
@@ -239,16 +239,6 @@ def _peak_bytes(step: Callable[[], object], device: torch.device) -> int:
     return peak_step_bytes(step)
 
 
-class _PlainMAC(FunctionalMAC):
-    """The functional MAC step without statistics: ``torch.func.grad`` and ``stats=None``."""
-
-    def _train(self, params: dict[str, torch.Tensor], state: macfn.MACState, x: torch.Tensor, y: torch.Tensor,
-               lr: torch.Tensor) -> tuple[dict[str, torch.Tensor], macfn.MACState, torch.Tensor]:
-        grads, loss = torch.func.grad_and_value(self._loss)(params, x, y)
-        new_params, new_state = macfn.step(params, grads, None, state, self.config, lr=lr)
-        return new_params, new_state, loss
-
-
 class _UndeclaredMAC(FunctionalMAC):
     """The functional MAC step without attention declarations: every qkv row gets the plain mean."""
 
@@ -266,7 +256,8 @@ def measure_stats_cost(name: str, device: torch.device, repeats: int, *, compile
     for compiled in (False, True) if compiled_too else (False,):
         suffix = "compiled" if compiled else "eager"
         model = copy.deepcopy(workload.model)
-        contenders[f"plain-{suffix}"] = _PlainMAC(f"plain-{suffix}", model, workload.config, compiled=compiled)
+        contenders[f"plain-{suffix}"] = FunctionalMAC(f"plain-{suffix}", model, workload.config, compiled=compiled,
+                                                      statistics=False)
         contenders[f"stats-{suffix}"] = build_variant(f"macfn-{suffix}", workload)
         if has_attention:
             model = copy.deepcopy(workload.model)

@@ -24,6 +24,12 @@ DEVICE = torch.device(os.environ.get("MACFN_BENCH_DEVICE", "cpu"))
 ROUNDS = 7
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache() -> None:
+    """Start every benchmark from an empty dynamo cache, so that no test hits the recompile limit."""
+    torch._dynamo.reset()
+
+
 def _block(call: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         for _ in range(REFRESH_PERIOD):

@@ -88,7 +88,8 @@ def macfn_optim_available() -> bool:
 
 def variant_names() -> list[str]:
     """Return every variant name that :func:`build_variant` accepts here."""
-    names = ["sgd", "sgd-compiled", "adamw", "macfn-eager", "macfn-compiled", "macfn-compiled-nocheck"]
+    names = ["sgd", "sgd-compiled", "adamw", "macfn-eager", "macfn-compiled", "macfn-compiled-nocheck",
+             "macfn-compiled-plain"]
     if macfn_optim_available():
         names += ["macfn-optim", "macfn-optim-compiled"]
     return names + ["dense-mac", "kfac"]
@@ -132,6 +133,8 @@ def build_variant(name: str, workload: Workload, *, lr: float | None = None,
         return FunctionalMAC(name, model, config, compiled=name == "macfn-compiled")
     if name == "macfn-compiled-nocheck":
         return FunctionalMAC(name, model, config.replace(nonfinite="ignore"), compiled=True)
+    if name == "macfn-compiled-plain":
+        return FunctionalMAC(name, model, config, compiled=True, statistics=False)
     if name in ("macfn-optim", "macfn-optim-compiled"):
         return AdapterMAC(name, model, config, compiled=name == "macfn-optim-compiled")
     if name == "dense-mac":
@@ -190,17 +193,24 @@ class TorchOptimizer:
 
 
 class FunctionalMAC:
-    """The pure functional API: ``macfn.grad_and_stats`` and ``macfn.step`` on a params dict."""
+    """The pure functional API: ``macfn.grad_and_stats`` and ``macfn.step`` on a params dict.
 
-    def __init__(self, name: str, model: nn.Module, config: macfn.MACConfig, *, compiled: bool) -> None:
+    With ``statistics=False`` every step is a plain one: gradients from
+    ``torch.func.grad_and_value`` and ``stats=None``, so the step reuses the running mean
+    activations, as the steps between two statistics refreshes do.
+    """
+
+    def __init__(self, name: str, model: nn.Module, config: macfn.MACConfig, *, compiled: bool,
+                 statistics: bool = True) -> None:
         self.name = name
+        self.statistics = statistics
         self.model = model
         self.config = config
         self.lr = torch.tensor(config.lr)
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         self.compute = macfn.grad_and_stats(model, self._loss, attention=attention_declarations(model))
         self.state: macfn.MACState | None = None
-        self.prepared: tuple[dict[str, Tensor], macfn.Stats] | None = None
+        self.prepared: tuple[dict[str, Tensor], macfn.Stats | None] | None = None
         step: Callable[..., tuple[dict[str, Tensor], macfn.MACState]] = macfn.step
         train: Callable[..., tuple[dict[str, Tensor], macfn.MACState, Tensor]] = self._train
         if compiled:
@@ -214,7 +224,11 @@ class FunctionalMAC:
 
     def _train(self, params: dict[str, Tensor], state: macfn.MACState, x: Tensor, y: Tensor,
                lr: Tensor) -> tuple[dict[str, Tensor], macfn.MACState, Tensor]:
-        grads, stats, loss = self.compute(params, x, y)
+        if self.statistics:
+            grads, stats, loss = self.compute(params, x, y)
+        else:
+            grads, loss = torch.func.grad_and_value(self._loss)(params, x, y)
+            stats = None
         new_params, new_state = macfn.step(params, grads, stats, state, self.config, lr=lr)
         return new_params, new_state, loss
 
@@ -232,7 +246,7 @@ class FunctionalMAC:
     def prepare(self, x: Tensor, y: Tensor) -> None:
         self._ensure_state(x, y)
         grads, stats, _ = self.compute(self.params, x, y)
-        self.prepared = (grads, stats)
+        self.prepared = (grads, stats if self.statistics else None)
 
     def optimizer_step(self) -> None:
         assert self.prepared is not None, "call prepare before optimizer_step"
