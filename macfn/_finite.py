@@ -17,21 +17,37 @@ import torch
 from torch import Tensor
 
 
+CONCATENATE_BELOW = 1 << 16
+"""Tensors with fewer entries than this are concatenated (per device and dtype) and checked by
+one reduction. Under torch.compile on CPU, about 50 small per-tensor reductions measured 0.3 ms
+more per step than one reduction over their concatenation (small GPT, torch 2.13, 2 cores)."""
+
+
 def all_finite(tensors: Iterable[Tensor]) -> Tensor:
     """Return a 0-dim bool tensor that is True when no entry of ``tensors`` is NaN or infinite.
 
     Args:
-        tensors: Any number of tensors of any shape, dtype and device.
+        tensors: Any number of tensors of any shape, floating dtype and device.
 
     Returns:
-        ``[]`` bool on the device of the first tensor (CPU when there is none).
+        ``[]`` bool on the device of one of the tensors (CPU when there is none).
     """
+    small: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    checked: list[Tensor] = []
+    for tensor in tensors:
+        if not tensor.numel():
+            continue
+        if tensor.numel() < CONCATENATE_BELOW:
+            small.setdefault((tensor.device, tensor.dtype), []).append(tensor.reshape(-1))
+        else:
+            checked.append(tensor)
+    checked += [torch.cat(group) if len(group) > 1 else group[0] for group in small.values()]
+    if not checked:
+        return torch.ones((), dtype=torch.bool)
     # NOTE: the minimum and maximum are NaN when any entry is NaN and infinite when any entry
     # is, so one reduction per tensor decides. torch.isfinite(t).all() gives the same result,
     # but on CPU (torch 2.13) it measured about 30x slower than torch.aminmax.
-    flags = [torch.isfinite(torch.stack(torch.aminmax(t))) for t in tensors if t.numel()]
-    if not flags:
-        return torch.ones((), dtype=torch.bool)
+    flags = [torch.isfinite(torch.stack(torch.aminmax(t))) for t in checked]
     device = flags[0].device
     return torch.cat([flag.to(device) for flag in flags]).all()
 

@@ -165,8 +165,9 @@ class PreconditionedLayer(NamedTuple):
     bias: Tensor | None
     """Preconditioned bias ``[blocks, rows]``, or None without a bias gradient."""
     coefficient: Tensor
-    """``(G abar) / (rho + |abar|^2)`` per row, ``[blocks, rows, 1]`` in the accumulation dtype.
-    It is NaN or infinite when any entry of ``G`` is, so it doubles as the layer's finite check."""
+    """Row coefficients ``(G abar) / (rho + |abar|^2)``, ``[blocks, rows, 1]`` in the accumulation dtype.
+    For a finite ``abar`` a row's coefficient is NaN or infinite when any entry of that row of ``G``
+    is, so the coefficients double as the layer's finite check."""
 
 
 def precondition_layer(

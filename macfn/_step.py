@@ -321,9 +321,9 @@ def _precondition_all(
     """Return the preconditioned gradient of every parameter that has a gradient.
 
     Also returns the row coefficients ``{weight_name: [blocks, rows, 1]}`` of every
-    preconditioned layer and the names of the gradients that went into them (weights and
-    folded-in biases): a coefficient is non-finite when any entry of those gradients is,
-    or when its row products overflow.
+    preconditioned layer, and the names of the gradients that went into them (weights and
+    folded-in biases). A coefficient is non-finite when any entry of those gradients is, or
+    when its row products overflow.
     """
     directions = {name: g for name, g in grads.items() if g is not None}
     coefficients: dict[str, Tensor] = {}

@@ -122,6 +122,33 @@ def test_skip_leaves_state_unchanged(kind):
     assert new_state["skipped"].item() == 1
 
 
+def _finite_check_inputs() -> list[Tensor]:
+    """Small tensors of three dtypes (concatenated per dtype) and one large tensor (checked alone)."""
+    large = torch.zeros(macfn._finite.CONCATENATE_BELOW + 1)
+    return [torch.ones(3), torch.full((2, 2), 1e300, dtype=torch.float64), torch.ones(4, dtype=torch.float16),
+            torch.tensor(0.5), torch.empty(0), large]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_entry(index, bad):
+    tensors = _finite_check_inputs()
+    assert bool(macfn._finite.all_finite(tensors))
+    tensors[index].view(-1)[-1] = bad
+
+    assert not bool(macfn._finite.all_finite(tensors))
+
+
+def test_all_finite_keeps_float64_range():
+    # A finite float64 value beyond the float32 range must not be cast into an infinity.
+    assert bool(macfn._finite.all_finite([torch.tensor([1e300], dtype=torch.float64), torch.ones(2)]))
+
+
+def test_all_finite_of_nothing_is_true():
+    assert bool(macfn._finite.all_finite([]))
+    assert bool(macfn._finite.all_finite([torch.empty(0)]))
+
+
 def _one_layer_step_inputs(grad_weight: Tensor, mean: list[float]):
     params = {"fc.weight": torch.ones(2, len(mean))}
     grads = {"fc.weight": grad_weight}

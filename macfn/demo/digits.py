@@ -13,7 +13,7 @@ import dataclasses
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ import macfn
 
 from ._options import DemoOptions
 from ._report import Column, HistoryPoint, ProgressBar, RunRecord, Stopwatch, TaskReport, progress_bar
+from ._trainers import AdamWSettings, MACTrainer, SGDSettings, Trainer, adamw_trainer, sgd_trainer
 
 MODELS = ("MLP", "CNN")
 OPTIMIZERS = ("MAC", "SGD", "AdamW")
@@ -44,25 +45,10 @@ At 0.1, MAC on the CNN diverged to NaN in the 10th epoch with seed 1 on the full
 """
 
 
-@dataclasses.dataclass(frozen=True)
-class SGDSettings:
-    """Settings of ``torch.optim.SGD``, with MAC's momentum and weight decay."""
-
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-
-@dataclasses.dataclass(frozen=True)
-class AdamWSettings:
-    """Settings of ``torch.optim.AdamW``, with torch.optim's default weight decay."""
-
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-
-
-SGD_SETTINGS = SGDSettings()
-ADAMW_SETTINGS = AdamWSettings()
+SGD_SETTINGS = SGDSettings(lr=0.1, momentum=0.9, weight_decay=5e-4)
+"""``torch.optim.SGD`` with MAC's momentum and weight decay."""
+ADAMW_SETTINGS = AdamWSettings(lr=3e-3, weight_decay=1e-2)
+"""``torch.optim.AdamW`` with torch.optim's default weight decay."""
 
 COLUMNS = (
     Column("train_loss", "train loss", ".4f"),
@@ -165,79 +151,14 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(f"Invalid model={name!r}: expected one of {', '.join(MODELS)}.")
 
 
-class _Trainer(Protocol):
-    settings: str
-
-    def train_step(self, x: Tensor, y: Tensor) -> None: ...
-
-    def parameters(self) -> dict[str, Tensor]: ...
-
-
-class _MACTrainer:
-    """MAC through macfn's functional API, with the parameters kept in a dict outside the model."""
-
-    def __init__(self, model: nn.Module, config: macfn.MACConfig) -> None:
-        self.model = model
-        self.config = config
-        self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.compute = macfn.grad_and_stats(model, self._loss)
-        self.state = macfn.init(self.params, config)
-        self.settings = (
-            f"lr={config.lr}, momentum={config.momentum}, weight_decay={config.weight_decay} (L2), "
-            f"damping={config.damping}, stat_decay={config.stat_decay}, statistics every step"
-        )
-
-    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(self.model, params, (x,)), y)
-
-    def train_step(self, x: Tensor, y: Tensor) -> None:
-        grads, stats, _ = self.compute(self.params, x, y)
-        self.params, self.state = macfn.step(self.params, grads, stats, self.state, self.config)
-
-    def parameters(self) -> dict[str, Tensor]:
-        return self.params
-
-
-class _TorchOptimTrainer:
-    """A torch.optim optimizer on the module's own parameters, in the usual backward-step loop."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: str) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.settings = settings
-
-    def train_step(self, x: Tensor, y: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(F.cross_entropy(self.model(x), y))
-        self.optimizer.step()
-
-    def parameters(self) -> dict[str, Tensor]:
-        return dict(self.model.named_parameters())
-
-
-def _make_trainer(optimizer: str, model: nn.Module, lr: float | None) -> _Trainer:
+def _make_trainer(optimizer: str, model: nn.Module, lr: float | None) -> Trainer:
     if optimizer == "MAC":
-        return _MACTrainer(model, MAC_CONFIG if lr is None else MAC_CONFIG.replace(lr=lr))
+        return MACTrainer(model, MAC_CONFIG if lr is None else MAC_CONFIG.replace(lr=lr), F.cross_entropy)
     if optimizer == "SGD":
-        sgd = SGD_SETTINGS if lr is None else dataclasses.replace(SGD_SETTINGS, lr=lr)
-        return _TorchOptimTrainer(
-            model,
-            torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay),
-            _describe(sgd, "torch.optim.SGD, L2"),
-        )
+        return sgd_trainer(model, SGD_SETTINGS, F.cross_entropy, lr)
     if optimizer == "AdamW":
-        adamw = ADAMW_SETTINGS if lr is None else dataclasses.replace(ADAMW_SETTINGS, lr=lr)
-        return _TorchOptimTrainer(
-            model,
-            torch.optim.AdamW(model.parameters(), lr=adamw.lr, weight_decay=adamw.weight_decay),
-            _describe(adamw, "torch.optim.AdamW, decoupled decay"),
-        )
+        return adamw_trainer(model, ADAMW_SETTINGS, F.cross_entropy, lr)
     raise ValueError(f"Invalid optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}.")
-
-
-def _describe(settings: SGDSettings | AdamWSettings, note: str) -> str:
-    fields = dataclasses.asdict(settings)
-    return ", ".join(f"{key}={value:g}" for key, value in fields.items()) + f" ({note})"
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ import dataclasses
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ import macfn
 
 from ._options import DemoOptions
 from ._report import Column, HistoryPoint, ProgressBar, RunRecord, Stopwatch, TaskReport, progress_bar
+from ._trainers import AdamWSettings, MACTrainer, SGDSettings, Trainer, adamw_trainer, sgd_trainer
 
 MODEL_NAME = "char-GPT"
 OPTIMIZERS = ("MAC", "MAC-noattn", "AdamW", "SGD")
@@ -55,27 +55,11 @@ The learning rate is the best of {0.1, 0.3, 0.5} at the default 200 steps on a t
 taken from the end of the training text (docs/results.md, section Text)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SGDSettings:
-    """Settings of ``torch.optim.SGD``; momentum equals MAC's base update.
-
-    The learning rate is the best of {0.1, 0.3, 0.5} on the tuning split (0.5 diverged)."""
-
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class AdamWSettings:
-    """Settings of ``torch.optim.AdamW``; the learning rate is the best of {1e-3, 3e-3, 1e-2} on the tuning split."""
-
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-
-
-SGD_SETTINGS = SGDSettings()
-ADAMW_SETTINGS = AdamWSettings()
+SGD_SETTINGS = SGDSettings(lr=0.1, momentum=0.9, weight_decay=0.0)
+"""``torch.optim.SGD`` with MAC's momentum; the learning rate is the best of {0.1, 0.3, 0.5} on the
+tuning split (0.5 diverged)."""
+ADAMW_SETTINGS = AdamWSettings(lr=3e-3, weight_decay=1e-2)
+"""``torch.optim.AdamW``; the learning rate is the best of {1e-3, 3e-3, 1e-2} on the tuning split."""
 
 COLUMNS = (
     Column("train_loss", "train loss", ".4f"),
@@ -204,87 +188,18 @@ def _language_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-class _Trainer(Protocol):
-    settings: str
-
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor: ...
-
-    def parameters(self) -> dict[str, Tensor]: ...
-
-
-class _MACTrainer:
-    """MAC through macfn's functional API, with the parameters kept in a dict outside the model."""
-
-    def __init__(self, model: CharGPT, config: macfn.MACConfig, *, attention_weighting: bool) -> None:
-        self.model = model
-        self.config = config
-        self.params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.compute = macfn.grad_and_stats(
-            model, self._loss, attention=model.attention(), attention_weighting=attention_weighting
-        )
-        self.state = macfn.init(self.params, config)
-        weighting = "attention-weighted value mean" if attention_weighting else "ordinary value mean"
-        self.settings = (
-            f"lr={config.lr}, momentum={config.momentum}, weight_decay={config.weight_decay}, "
-            f"damping={config.damping}, stat_decay={config.stat_decay}, {weighting}, statistics every step"
-        )
-
-    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return _language_loss(functional_call(self.model, params, (x,)), y)
-
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        grads, stats, loss = self.compute(self.params, x, y)
-        self.params, self.state = macfn.step(self.params, grads, stats, self.state, self.config)
-        value: Tensor = loss
-        return value
-
-    def parameters(self) -> dict[str, Tensor]:
-        return self.params
-
-
-class _TorchOptimTrainer:
-    """A torch.optim optimizer on the module's own parameters, in the usual backward-step loop."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: str) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.settings = settings
-
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = _language_loss(self.model(x), y)
-        torch.autograd.backward(loss)
-        self.optimizer.step()
-        return loss.detach()
-
-    def parameters(self) -> dict[str, Tensor]:
-        return dict(self.model.named_parameters())
-
-
-def _make_trainer(optimizer: str, model: CharGPT, lr: float | None) -> _Trainer:
+def _make_trainer(optimizer: str, model: CharGPT, lr: float | None) -> Trainer:
     if optimizer in ("MAC", "MAC-noattn"):
         config = MAC_CONFIG if lr is None else MAC_CONFIG.replace(lr=lr)
-        return _MACTrainer(model, config, attention_weighting=optimizer == "MAC")
+        weighting = optimizer == "MAC"
+        note = "attention-weighted value mean" if weighting else "ordinary value mean"
+        return MACTrainer(model, config, _language_loss, notes=[note], attention=model.attention(),
+                          attention_weighting=weighting)
     if optimizer == "SGD":
-        sgd = SGD_SETTINGS if lr is None else dataclasses.replace(SGD_SETTINGS, lr=lr)
-        return _TorchOptimTrainer(
-            model,
-            torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay),
-            _describe(sgd, "torch.optim.SGD"),
-        )
+        return sgd_trainer(model, SGD_SETTINGS, _language_loss, lr)
     if optimizer == "AdamW":
-        adamw = ADAMW_SETTINGS if lr is None else dataclasses.replace(ADAMW_SETTINGS, lr=lr)
-        return _TorchOptimTrainer(
-            model,
-            torch.optim.AdamW(model.parameters(), lr=adamw.lr, weight_decay=adamw.weight_decay),
-            _describe(adamw, "torch.optim.AdamW, decoupled decay"),
-        )
+        return adamw_trainer(model, ADAMW_SETTINGS, _language_loss, lr)
     raise ValueError(f"Invalid optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}.")
-
-
-def _describe(settings: SGDSettings | AdamWSettings, note: str) -> str:
-    fields = dataclasses.asdict(settings)
-    return ", ".join(f"{key}={value:g}" for key, value in fields.items()) + f" ({note})"
 
 
 @torch.no_grad()
