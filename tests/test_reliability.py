@@ -158,7 +158,7 @@ def _one_layer_step_inputs(grad_weight: Tensor, mean: list[float]):
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)])
 def test_infinite_gradient_under_zero_mean_activation_is_skipped(compiled):
-    # The finite check of a preconditioned layer reads its row products G abar; an infinite
+    # The finite check of a preconditioned layer reads its row products G abar. The infinite
     # entry meets a zero of abar there, and inf * 0 is NaN, so the step is still skipped.
     grad = torch.zeros(2, 3)
     grad[1, 1] = float("inf")
