@@ -420,7 +420,9 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "",
         "`python -m benchmarks.anatomy` times hand-written functional MAC updates of the MLP that differ from "
         "the fastest one in one choice each (see the module's docstring), next to macfn's compiled step and SGD. "
-        "The gap between `minimal` and `macfn-compiled` is what the formulation of the core costs.",
+        "The gap between `minimal` and `macfn-compiled` is what the formulation of the core costs. This is a "
+        "separate run with eight tasks interleaved instead of eleven variants, so its times differ from the "
+        "optimizer-step table's.",
         "",
         anatomy_table(results),
         "",

@@ -3,7 +3,8 @@
 Usage::
 
     python -m benchmarks.report                 # full CPU run, about 20 minutes on 2 cores
-    python -m benchmarks.report --plan quick    # a few minutes, fewer workloads and repeats
+    python -m benchmarks.report --plan quick    # a few minutes, fewer workloads and repeats; writes
+                                                # docs/benchmarks-quick.json and prints its table
     python -m benchmarks.report --device cuda   # the GPU run; see benchmarks/gpu.sh
 
 A CPU run writes ``docs/benchmarks.json`` (every sample and the environment),
@@ -432,7 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown_workloads:
             parser.error(f"unknown workloads {unknown_workloads}: expected a subset of {','.join(plan.step_workloads)}")
         plan = dataclasses.replace(plan, step_workloads=chosen)
-    json_path = args.json or ROOT / "docs" / ("benchmarks.json" if device.type == "cpu" else "benchmarks-cuda.json")
+    recorded = plan.name == "full" and args.json is None
+    suffix = "" if plan.name == "full" else f"-{plan.name}"
+    json_path = args.json or ROOT / "docs" / (f"benchmarks{suffix}.json" if device.type == "cpu"
+                                              else f"benchmarks{suffix}-cuda.json")
+    subset = set(sections) != set(SECTIONS) or bool(args.workloads)
+    if recorded and subset and not args.merge and not args.render_only:
+        parser.error(f"--sections or --workloads without --merge would replace {json_path} with a partial run; "
+                     "add --merge to replace only what this run measures, or --json PATH to write elsewhere.")
 
     if args.render_only:
         results = json.loads(json_path.read_text(encoding="utf-8"))
@@ -449,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         save(results)
         if previous is not None:
             results = _merge(previous, results)
-    if device.type == "cpu":
+    # Only the full plan's results file becomes docs/benchmarks.md; other runs print their table.
+    if device.type == "cpu" and recorded:
         render.write_page(results, ROOT / "docs")
         _log(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
     print(render.summary_table(results))
