@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import math
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
+
+import macfn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,3 +269,15 @@ def save_report(report: TaskReport, out: Path) -> dict[str, Path]:
     write_csv(files["csv"], report.runs, report.columns)
     write_json(files["json"], report)
     return files
+
+
+def run_environment(seed: int, device: torch.device) -> dict[str, Any]:
+    """Return the seed, device and software versions that every task report records."""
+    return {
+        "seed": seed,
+        "device": str(device),
+        "torch": torch.__version__,
+        "macfn": macfn.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -10,7 +10,6 @@ on the same batches in the same order, so only the optimizer differs.
 from __future__ import annotations
 
 import dataclasses
-import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Literal
@@ -23,7 +22,16 @@ from torch.func import functional_call
 import macfn
 
 from ._options import DemoOptions
-from ._report import Column, HistoryPoint, ProgressBar, RunRecord, Stopwatch, TaskReport, progress_bar
+from ._report import (
+    Column,
+    HistoryPoint,
+    ProgressBar,
+    RunRecord,
+    Stopwatch,
+    TaskReport,
+    progress_bar,
+    run_environment,
+)
 from ._trainers import AdamWSettings, MACTrainer, SGDSettings, Trainer, adamw_trainer, sgd_trainer
 
 MODELS = ("MLP", "CNN")
@@ -284,14 +292,9 @@ def run(options: DemoOptions) -> TaskReport:
         "started_utc": started,
         "epochs": options.epochs,
         "batch_size": BATCH_SIZE,
-        "seed": options.seed,
-        "device": str(options.device),
         "train_samples": train_count,
         "test_samples": test_count,
-        "torch": torch.__version__,
-        "macfn": macfn.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
+        **run_environment(options.seed, options.device),
     }
     return TaskReport(
         task="digits",

@@ -17,7 +17,6 @@ validation loss, because a full pass over the text would take longer than the wh
 from __future__ import annotations
 
 import dataclasses
-import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -29,7 +28,16 @@ from torch.func import functional_call
 import macfn
 
 from ._options import DemoOptions
-from ._report import Column, HistoryPoint, ProgressBar, RunRecord, Stopwatch, TaskReport, progress_bar
+from ._report import (
+    Column,
+    HistoryPoint,
+    ProgressBar,
+    RunRecord,
+    Stopwatch,
+    TaskReport,
+    progress_bar,
+    run_environment,
+)
 from ._trainers import AdamWSettings, MACTrainer, SGDSettings, Trainer, adamw_trainer, sgd_trainer
 
 MODEL_NAME = "char-GPT"
@@ -332,12 +340,7 @@ def run(options: DemoOptions) -> TaskReport:
         "vocabulary": len(data.vocabulary),
         "train_characters": int(data.train.shape[0]),
         "validation_characters": int(data.validation.shape[0]),
-        "seed": options.seed,
-        "device": str(options.device),
-        "torch": torch.__version__,
-        "macfn": macfn.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
+        **run_environment(options.seed, options.device),
     }
     return TaskReport(
         task="text",
