@@ -111,13 +111,14 @@ class MACConfig:
             applies the Sherman–Morrison inverse ``(rho I + abar abar^T)^-1``,
             which is the decoupled form divided by rho.
         nonfinite: What a step does when a gradient, a statistic or a tensor ``lr``
-            contains NaN or infinity. ``"skip"`` returns the parameters, momentum
+            contains NaN or infinity, or a layer's row products ``G abar`` overflow
+            from finite inputs. ``"skip"`` returns the parameters, momentum
             and running statistics unchanged, leaves ``state["step"]`` where it
             was, adds 1 to ``state["skipped"]`` and warns (eagerly, on the 1st,
             10th, 100th, ... skipped step). ``"raise"`` raises FloatingPointError
             naming the offending tensors (it needs eager mode). ``"ignore"``
-            checks nothing and applies the update, saving one pass over the
-            gradients.
+            checks nothing and applies the update, saving the check and, in
+            compiled code, the selection of the old values.
         base_updates: Parameter groups with their own base update (:class:`BaseUpdate`);
             parameters in no group get the momentum SGD set by the fields above.
     """

@@ -135,7 +135,7 @@ def step(
         ValueError: Unknown or missing parameter names, shapes or dtypes that do not match,
             an invalid ``lr``, or ``nonfinite="raise"`` inside torch.compile.
         FloatingPointError: With ``nonfinite="raise"``, a gradient, statistic or ``lr``
-            contains NaN or infinity.
+            contains NaN or infinity, or a layer's row products ``G abar`` overflow.
     """
     config = MACConfig() if config is None else config
     _check_config(config)
