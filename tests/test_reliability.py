@@ -139,6 +139,22 @@ def test_all_finite_finds_one_bad_entry(index, bad):
     assert not bool(macfn._finite.all_finite(tensors))
 
 
+def test_all_finite_compiled_matches_eager():
+    # The traced form sums t * 0 instead of concatenating; both must agree entry by entry.
+    compiled = torch.compile(lambda tensors: macfn._finite.all_finite(tensors), fullgraph=True)
+    assert bool(compiled(_finite_check_inputs()))
+    for index in [0, 1, 2, 3, 5]:
+        for bad in [float("nan"), float("inf"), -float("inf")]:
+            tensors = _finite_check_inputs()
+            tensors[index].view(-1)[-1] = bad
+            assert not bool(compiled(tensors)), (index, bad)
+            assert not bool(macfn._finite.all_finite(tensors)), (index, bad)
+    # A finite float64 value beyond the float32 range stays finite in the traced form too.
+    tensors = _finite_check_inputs()
+    tensors[1].fill_(-1e308)
+    assert bool(compiled(tensors))
+
+
 def test_all_finite_keeps_float64_range():
     # A finite float64 value beyond the float32 range must not be cast into an infinity.
     assert bool(macfn._finite.all_finite([torch.tensor([1e300], dtype=torch.float64), torch.ones(2)]))
