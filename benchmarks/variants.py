@@ -154,9 +154,9 @@ def own_code(function: _Function) -> _Function:
 
     Dynamo keeps every graph it compiles for one code object in one cache and, on each call,
     evaluates the guards of those graphs one after another until one passes. Three variants
-    compile ``macfn.step`` with different configurations; sharing one cache, each call of one
-    of them also evaluated the failing guards of the others, which cost about 0.1 ms per call
-    on the small GPT (a third of SGD's step there). A program that compiles the step with one
+    compile ``macfn.step`` with different configurations. With one shared cache, each call of
+    one of them also evaluated the failing guards of the others: about 0.1 ms per call on the
+    small GPT, an eighth of SGD's step there. A program that compiles the step with one
     configuration never pays this, so each variant compiles its own copy.
     """
     copied = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,

@@ -53,10 +53,10 @@ def all_finite(tensors: Iterable[Tensor]) -> Tensor:
 
 
 def _all_finite_compiled(tensors: list[Tensor]) -> Tensor:
-    """The traced form of :func:`all_finite`: ``isfinite(t).all()`` of each tensor, joined by ``&``.
+    """Join ``isfinite(t).all()`` of every tensor with ``&``: the traced form of :func:`all_finite`.
 
-    Inductor fuses each test into one reduction loop over the tensor. A concatenation would
-    first copy every small tensor in a loop of its own.
+    Inductor fuses each test into one reduction loop over its tensor, whereas a concatenation
+    would first copy every small tensor in a loop of its own.
     """
     device = tensors[0].device
     flag = torch.isfinite(tensors[0]).all()
