@@ -111,7 +111,8 @@ def timing_table(results: dict[str, Any], section: str) -> str:
         summary = entry.get(section, {}).get("summary")
         if not summary:
             continue
-        row = [workload]
+        repeats = summary.get("sgd", {}).get("repeats")
+        row = [workload if repeats is None else f"{workload} ({repeats:.0f})"]
         for variant in variants:
             item = summary.get(variant)
             if item is None:
@@ -389,7 +390,10 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "- Every time is the median over repeats of one block of 10 consecutive steps divided by 10 "
         "(10 is KFAC's refresh period, so KFAC's factor computation and inversion are amortised in its "
         "per-step time). The variants of one workload run interleaved, block by block, in an order "
-        "that rotates every repeat, so a change in machine load reaches all of them.",
+        "that rotates every repeat, so a change in machine load reaches all of them. The workloads "
+        "that decide a target (MLP W=2048, CNN, GPT) get more repeats than the others, because their "
+        "block times spread the most. The number after each workload in the timing tables is its number of "
+        "repeats.",
         "- A ratio is the variant's median over SGD's median from the same run.",
         "- **Optimizer step**: the update alone, applied again and again to gradients (and mean activations) "
         "computed once; for KFAC it includes the curvature refresh every 10 steps (one extra forward and "

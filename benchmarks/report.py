@@ -57,7 +57,10 @@ class Plan:
         train_workloads: Workloads whose whole training step is timed too (a subset).
         target_workloads: Workloads that also time the diagnostic variants (compiled SGD,
             macfn without the NaN check, the compiled adapter).
-        repeats: Timed blocks per variant; heavy workloads use ``heavy_repeats``.
+        repeats: Timed blocks per variant; heavy workloads use ``heavy_repeats`` and target
+            workloads ``target_repeats``.
+        target_repeats: Timed blocks per variant on ``target_workloads``, whose ratios decide
+            the targets; their block times spread the most (up to 2x between blocks on the GPT).
         heavy_repeats: Timed blocks per variant on ``heavy_workloads``.
         heavy_workloads: Workloads where the dense and KFAC variants take seconds per step.
         skip: ``{workload: {variant: reason}}`` pairs that are not run.
@@ -78,6 +81,7 @@ class Plan:
     train_workloads: tuple[str, ...]
     target_workloads: tuple[str, ...]
     repeats: int
+    target_repeats: int
     heavy_repeats: int
     heavy_workloads: tuple[str, ...]
     skip: dict[str, dict[str, str]]
@@ -102,6 +106,7 @@ PLANS = {
         train_workloads=("mlp-2048", "cnn", "vit", "gpt"),
         target_workloads=("mlp-2048", "cnn", "gpt"),
         repeats=5,
+        target_repeats=11,
         heavy_repeats=4,
         heavy_workloads=("mlp-4096",),
         skip={"mlp-4096": {"kfac": "each step multiplies the 4096 x 4097 gradient by two inverse factors "
@@ -122,6 +127,7 @@ PLANS = {
         train_workloads=("mlp-2048", "gpt"),
         target_workloads=("mlp-2048",),
         repeats=3,
+        target_repeats=3,
         heavy_repeats=2,
         heavy_workloads=(),
         skip={},
@@ -191,7 +197,12 @@ def measure_workload(plan: Plan, name: str, device: torch.device) -> dict[str, A
     workload = build_workload(name, device=device)
     names = _variants_for(plan, name)
     heavy = name in plan.heavy_workloads
-    repeats = plan.heavy_repeats if heavy else plan.repeats
+    if heavy:
+        repeats = plan.heavy_repeats
+    elif name in plan.target_workloads:
+        repeats = plan.target_repeats
+    else:
+        repeats = plan.repeats
     warmup = 0 if heavy else 1
     errors: dict[str, str] = {}
 
