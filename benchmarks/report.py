@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -212,14 +213,16 @@ def measure_workload(plan: Plan, name: str, device: torch.device) -> dict[str, A
 
     built, first_step_s = _build(names, workload, errors, prepare_and_step, device)
     _log(f"{name}: timing the optimizer step of {len(built)} variants, {repeats} repeats")
+    step_faults: dict[str, list[float]] = {}
     step_samples = time_interleaved({n: v.optimizer_step for n, v in built.items()}, repeats=repeats,
-                                    block=REFRESH_PERIOD, warmup_blocks=warmup, device=device, errors=errors)
+                                    block=REFRESH_PERIOD, warmup_blocks=warmup, device=device, errors=errors,
+                                    faults=step_faults)
     result: dict[str, Any] = {
         "variants": names,
         "skipped": plan.skip.get(name, {}),
         "parameter_bytes": parameter_bytes(workload),
         "optimizer_step": {"summary": summarize(step_samples, BASELINE), "samples": step_samples,
-                           "first_call_s": first_step_s},
+                           "first_call_s": first_step_s, "page_faults": _median_each(step_faults)},
         "state_bytes": {n: state_bytes(v) for n, v in built.items()},
         "errors": errors,
     }
@@ -231,13 +234,18 @@ def measure_workload(plan: Plan, name: str, device: torch.device) -> dict[str, A
         trained, first_train_s = _build(names, workload, errors, train, device)
         _log(f"{name}: timing the training step of {len(trained)} variants, {repeats} repeats")
         calls = {n: (lambda v=v: train(v)) for n, v in trained.items()}
+        train_faults: dict[str, list[float]] = {}
         train_samples = time_interleaved(calls, repeats=repeats, block=REFRESH_PERIOD, warmup_blocks=warmup,
-                                         device=device, errors=errors)
+                                         device=device, errors=errors, faults=train_faults)
         result["train_step"] = {"summary": summarize(train_samples, BASELINE), "samples": train_samples,
-                                "first_call_s": first_train_s}
+                                "first_call_s": first_train_s, "page_faults": _median_each(train_faults)}
         result["peak_step_bytes"] = {n: _peak_bytes(call, device) for n, call in calls.items() if n not in errors}
     result["load_average"] = load_average()
     return result
+
+
+def _median_each(values: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(items) for name, items in values.items() if items}
 
 
 def _peak_bytes(step: Callable[[], object], device: torch.device) -> int:

@@ -27,6 +27,7 @@ def time_interleaved(
     warmup_blocks: int = 1,
     device: torch.device = torch.device("cpu"),
     errors: dict[str, str] | None = None,
+    faults: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time several tasks side by side and return seconds per call for each repeat.
 
@@ -42,6 +43,9 @@ def time_interleaved(
         device: Device to synchronise before reading the clock.
         errors: Where to record a task that raises, as ``{name: message}``; that task is
             dropped from later repeats and keeps the samples it has. When None, errors propagate.
+        faults: Where to record the minor page faults of this process per call, one entry
+            per timed block, as ``{name: [faults per call]}``. A fault is the first touch of a
+            page the process has not used yet, e.g. of a large buffer fresh from ``mmap``.
 
     Returns:
         ``{name: [seconds per call, one entry per repeat]}``.
@@ -53,11 +57,16 @@ def time_interleaved(
     def run_block(name: str) -> float | None:
         try:
             synchronize(device)
+            faults_before = minor_faults()
             start = time.perf_counter()
             for _ in range(block):
                 tasks[name]()
             synchronize(device)
-            return (time.perf_counter() - start) / block
+            seconds = (time.perf_counter() - start) / block
+            faults_after = minor_faults()
+            if faults is not None and faults_before is not None and faults_after is not None:
+                faults.setdefault(name, []).append((faults_after - faults_before) / block)
+            return seconds
         except Exception as error:
             if errors is None:
                 raise
@@ -69,6 +78,8 @@ def time_interleaved(
         for _ in range(warmup_blocks):
             if name not in failed:
                 run_block(name)
+    if faults is not None:
+        faults.clear()
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
@@ -78,6 +89,15 @@ def time_interleaved(
             if seconds is not None:
                 samples[name].append(seconds)
     return samples
+
+
+def minor_faults() -> int | None:
+    """Return the minor page faults this process has taken so far; None where unknown (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarize(samples: Mapping[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:

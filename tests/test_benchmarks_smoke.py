@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import render, tasks
 from benchmarks.models import build_workload, workload_names
-from benchmarks.timing import peak_step_bytes, summarize, time_interleaved
+from benchmarks.timing import minor_faults, peak_step_bytes, summarize, time_interleaved
 from benchmarks.variants import FunctionalMAC, build_variant, state_bytes, variant_names
 
 COMPILED = {"sgd-compiled", "macfn-compiled", "macfn-compiled-nocheck", "macfn-optim-compiled"}
@@ -118,6 +118,24 @@ def test_peak_step_bytes_counts_temporaries() -> None:
     assert 8_000_000 <= peak < 12_100_000
 
 
+@pytest.mark.skipif(minor_faults() is None, reason="getrusage is not available on this platform")
+def test_page_faults_counted_per_call() -> None:
+    kept = torch.zeros(1 << 20)
+
+    def touch_fresh_buffer() -> None:
+        torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold
+
+    def touch_kept_buffer() -> None:
+        kept.fill_(1.0)
+
+    faults: dict[str, list[float]] = {}
+    time_interleaved({"fresh": touch_fresh_buffer, "kept": touch_kept_buffer}, repeats=3, block=2, faults=faults)
+    assert len(faults["fresh"]) == len(faults["kept"]) == 3
+    # 64 MiB are 16,384 pages of 4 KiB, or 32 pages of 2 MiB where transparent huge pages back the buffer.
+    assert min(faults["fresh"]) >= 32
+    assert max(faults["kept"]) < min(faults["fresh"])
+
+
 def test_timing_and_page_render(tmp_path: object) -> None:
     workload = build_workload("mlp-16", tiny=True)
     built = {name: build_variant(name, workload) for name in ("sgd", "macfn-eager", "dense-mac")}
@@ -130,7 +148,8 @@ def test_timing_and_page_render(tmp_path: object) -> None:
         "environment": {"cpu": "test", "torch": torch.__version__, "device": "cpu"},
         "workloads": {"mlp-2048": {
             "variants": list(built), "skipped": {}, "parameter_bytes": 1024,
-            "optimizer_step": {"summary": summary, "samples": samples, "first_call_s": {}},
+            "optimizer_step": {"summary": summary, "samples": samples, "first_call_s": {},
+                               "page_faults": {"sgd": 0.0, "macfn-eager": 12.0}},
             "state_bytes": {n: state_bytes(v) for n, v in built.items()},
         }},
     }
@@ -138,6 +157,7 @@ def test_timing_and_page_render(tmp_path: object) -> None:
     assert "## Targets" in page
     assert "dense-inverse MAC optimizer step / SGD, MLP W=2048" in page
     assert "not measured" in page  # the GPT and training-step targets have no numbers here
+    assert "| mlp-2048 | optimizer step | 0 | 12 | - |" in page
 
 
 def test_time_to_target_runs() -> None:
