@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -355,19 +356,45 @@ def environment_table(results: dict[str, Any]) -> str:
     return _table(["", ""], rows)
 
 
+NO_MMAP_FILE = "benchmarks-no-mmap.json"
+NO_MMAP_COMMAND = (
+    "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000 python -m benchmarks.report "
+    f"--sections steps --workloads mlp-1024,mlp-2048,mlp-4096 --json docs/{NO_MMAP_FILE}"
+)
+
+
+def no_mmap_section(no_mmap: dict[str, Any]) -> str:
+    """Return the slopes and W=4096 ratios of a steps run whose heap kept freed memory."""
+    step_slopes = slopes(no_mmap, "optimizer_step")
+    widest = no_mmap.get("workloads", {}).get("mlp-4096", {}).get("optimizer_step", {}).get("summary", {})
+    rows = [[v, f"{step_slopes[v]:.2f}", _fmt_ratio(widest[v]["ratio"]) if v in widest else "-"]
+            for v in step_slopes]
+    environment = no_mmap.get("environment", {})
+    return "\n".join([
+        "The same widths measured in a separate run whose heap keeps freed memory for reuse, so that no "
+        f"step faults in fresh pages (`{NO_MMAP_COMMAND}`, macfn at {environment.get('macfn_commit', 'unknown')}, "
+        f"{environment.get('libc', 'unknown libc')}):",
+        "",
+        _table(["variant", "slope of step time, no page faults", "ratio to SGD at W=4096, no page faults"], rows),
+    ])
+
+
 def write_page(results: dict[str, Any], out_dir: Path) -> Path:
     """Write ``benchmarks.md`` and its plots into ``out_dir``; return the page's path."""
     plots = write_plots(results, out_dir)
     predictions = (HERE / "predictions.md").read_text(encoding="utf-8")
     observations_path = HERE / "observations.md"
     observations = observations_path.read_text(encoding="utf-8") if observations_path.exists() else ""
-    page = render_page(results, plots, predictions, observations)
+    no_mmap_path = out_dir / NO_MMAP_FILE
+    no_mmap = json.loads(no_mmap_path.read_text(encoding="utf-8")) if no_mmap_path.exists() else None
+    page = render_page(results, plots, predictions, observations, no_mmap)
     path = out_dir / "benchmarks.md"
     path.write_text(page, encoding="utf-8")
     return path
 
 
-def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str, observations: str) -> str:
+def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str, observations: str,
+                no_mmap: dict[str, Any] | None = None) -> str:
     """Return the Markdown of the benchmark page."""
     step_slopes = slopes(results, "optimizer_step")
     state_slopes = slopes(results, "state_bytes")
@@ -451,6 +478,10 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
     parts += [
         _table(["variant", "slope of step time", "slope of state bytes"], slope_rows),
         "",
+    ]
+    if no_mmap is not None:
+        parts += [no_mmap_section(no_mmap), ""]
+    parts += [
         "## Memory: state MiB (ratio to SGD) / peak MiB of a training step",
         "",
         memory_table(results),
@@ -463,8 +494,8 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
             "touch of a page the process has not used before. With glibc (2.36 here), a buffer larger than 32 MiB comes "
             "fresh from `mmap` on every allocation and goes back to the system when freed, so a step that "
             "allocates such buffers faults in every one of their 4 KiB pages, every step. A functional step "
-            "returns new parameters and momentum buffers; `torch.optim.SGD` with weight decay allocates one "
-            "new tensor per parameter for the decayed gradient; in-place updates allocate none.",
+            "returns new parameters and momentum buffers, and `torch.optim.SGD` with weight decay allocates "
+            "one new tensor per parameter for the decayed gradient. In-place updates allocate none.",
             "",
             faults,
             "",

@@ -180,8 +180,14 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "libc": " ".join(platform.libc_ver()).strip() or "unknown",
         "load_average_at_start": load_average(),
     }
+    # Allocator settings change how often a step faults in fresh pages.
+    allocator = {name: value for name, value in os.environ.items()
+                 if name == "GLIBC_TUNABLES" or name.startswith("MALLOC_") or name == "LD_PRELOAD"}
+    if allocator:
+        info["allocator_environment"] = allocator
     info["macfn_commit"] = _git_commit()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -158,6 +158,9 @@ def test_timing_and_page_render(tmp_path: object) -> None:
     assert "dense-inverse MAC optimizer step / SGD, MLP W=2048" in page
     assert "not measured" in page  # the GPT and training-step targets have no numbers here
     assert "| mlp-2048 | optimizer step | 0 | 12 | - |" in page
+    assert "no page faults" not in page
+    with_no_mmap = render.render_page(results, [], "## Predictions", "", no_mmap=results)
+    assert "| variant | slope of step time, no page faults |" in with_no_mmap
 
 
 def test_time_to_target_runs() -> None:
