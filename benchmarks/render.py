@@ -352,7 +352,7 @@ def environment_table(results: dict[str, Any]) -> str:
             "load_average_at_start", "load_average_at_end")
     rows = [[key, str(env[key])] for key in keys if key in env]
     rows.append(["started", results.get("started", "-")])
-    rows.append(["wall clock of the first run", f"{results.get('wall_clock_s', 0) / 60:.1f} min"])
+    rows.append(["wall clock of the run", f"{results.get('wall_clock_s', 0) / 60:.1f} min"])
     return _table(["", ""], rows)
 
 
@@ -415,7 +415,10 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "",
         f"Produced by `{results.get('command', 'python -m benchmarks.report')}` "
         "(the results, every sample included, are in [benchmarks.json](benchmarks.json)). "
-        "Re-render this page from that file with `python -m benchmarks.report --render-only`.",
+        "Re-render this page from that file with `python -m benchmarks.report --render-only`. "
+        "`python -m benchmarks.report --plan quick` (about 3 minutes on 2 cores) times the optimizer and "
+        "training steps of fewer workloads and variants with 3 repeats, writes docs/benchmarks-quick.json "
+        "and prints its table, leaving this page alone.",
         "",
         "## Machine",
         "",
@@ -434,7 +437,10 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "that decide a target (MLP W=2048, CNN, GPT) get more repeats than the others, because their "
         "block times spread the most. The number after each workload in the timing tables is its number of "
         "repeats.",
-        "- A ratio is the variant's median over SGD's median from the same run.",
+        "- A ratio is the variant's median over SGD's median from the same run. A paired ratio is the "
+        "median over repeats of the variant's block time over SGD's block time in the same repeat.",
+        "- The report's own two threads keep the load average near 2 on 2 cores; a load well above that "
+        "means another job shared the machine.",
         "- **Optimizer step**: the update alone, applied again and again to gradients (and mean activations) "
         "computed once; for KFAC it includes the curvature refresh every 10 steps (one extra forward and "
         "backward pass with sampled labels, then the damped Cholesky inverses).",
@@ -476,6 +482,9 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
     if plots and plots[0].endswith("scaling.png"):
         parts += [f"![optimizer-step time and state memory against W]({plots[0]})", ""]
     parts += [
+        "Log-log slopes over the widths from 1024 up that each variant ran (1024 to 4096; KFAC 1024 to "
+        "2048, because it skips 4096).",
+        "",
         _table(["variant", "slope of step time", "slope of state bytes"], slope_rows),
         "",
     ]

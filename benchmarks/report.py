@@ -427,9 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
     parser.add_argument("--json", type=Path, default=None,
-                        help="results file (default: docs/benchmarks.json, or docs/benchmarks-cuda.json)")
+                        help="results file (default: docs/benchmarks.json for the full plan, "
+                             "docs/benchmarks-<plan>.json for another plan, with -cuda before .json on CUDA)")
     parser.add_argument("--render-only", action="store_true",
-                        help="rewrite docs/benchmarks.md and the plots from the results file, measuring nothing")
+                        help="rewrite docs/benchmarks.md and the plots from the full plan's results file, "
+                             "measuring nothing")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated subset of the plan's step workloads, e.g. mlp-2048,gpt")
     parser.add_argument("--merge", action="store_true",
