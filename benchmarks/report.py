@@ -1,4 +1,4 @@
-"""Run the measured benchmark suite and write ``docs/benchmarks.md`` with its tables and plots.
+"""Run the benchmark suite and, for the full CPU plan, write ``docs/benchmarks.md`` with its tables and plots.
 
 Usage::
 
