@@ -501,8 +501,8 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         parts += [
             "Minor page faults per step (median over repeats), counted by `getrusage`. A fault is the first "
             "touch of a page the process has not used before. With glibc (2.36 here), a buffer larger than 32 MiB comes "
-            "fresh from `mmap` on every allocation and goes back to the system when freed, so a step that "
-            "allocates such buffers faults in every one of their 4 KiB pages, every step. A functional step "
+            "fresh from `mmap` on every allocation and goes back to the system when freed. A step that "
+            "allocates such buffers therefore faults in every one of their 4 KiB pages, every step. A functional step "
             "returns new parameters and momentum buffers, and `torch.optim.SGD` with weight decay allocates "
             "one new tensor per parameter for the decayed gradient. In-place updates allocate none.",
             "",

@@ -120,13 +120,13 @@ def test_peak_step_bytes_counts_temporaries() -> None:
 
 @pytest.mark.skipif(minor_faults() is None, reason="getrusage is not available on this platform")
 def test_page_faults_counted_per_call() -> None:
-    kept = torch.zeros(1 << 20)
+    reused_buffer = torch.zeros(1 << 20)
 
     def touch_fresh_buffer() -> None:
         torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold
 
     def touch_kept_buffer() -> None:
-        kept.fill_(1.0)
+        reused_buffer.fill_(1.0)
 
     faults: dict[str, list[float]] = {}
     time_interleaved({"fresh": touch_fresh_buffer, "kept": touch_kept_buffer}, repeats=3, block=2, faults=faults)
