@@ -128,7 +128,7 @@ def timing_table(results: dict[str, Any], section: str) -> str:
 
 
 def faults_table(results: dict[str, Any]) -> str:
-    """Return the median minor page faults per optimizer step and per training step."""
+    """Return the median minor page faults per optimizer and training step; "" when none were counted."""
     variants = _variant_order(results)
     rows = []
     for workload, entry in results.get("workloads", {}).items():
@@ -137,7 +137,7 @@ def faults_table(results: dict[str, Any]) -> str:
             if not faults:
                 continue
             rows.append([workload, label, *(f"{faults[v]:.0f}" if v in faults else "-" for v in variants)])
-    return _table(["workload", "step", *variants], rows)
+    return _table(["workload", "step", *variants], rows) if rows else ""
 
 
 def memory_table(results: dict[str, Any]) -> str:
@@ -497,11 +497,14 @@ def render_page(results: dict[str, Any], plots: Sequence[str], predictions: str,
         "",
     ]
     faults = faults_table(results)
-    if faults.count("\n") > 1:
+    if faults:
+        libc = results.get("environment", {}).get("libc")
+        libc_note = f" ({libc} on this machine)" if libc else ""
         parts += [
             "Minor page faults per step (median over repeats), counted by `getrusage`. A fault is the first "
-            "touch of a page the process has not used before. With glibc (2.36 here), a buffer larger than 32 MiB comes "
-            "fresh from `mmap` on every allocation and goes back to the system when freed. A step that "
+            "touch of a page the process has not used before. With glibc"
+            f"{libc_note}, a buffer larger than "
+            "32 MiB comes fresh from `mmap` on every allocation and goes back to the system when freed. A step that "
             "allocates such buffers therefore faults in every one of their 4 KiB pages, every step. A functional step "
             "returns new parameters and momentum buffers, and `torch.optim.SGD` with weight decay allocates "
             "one new tensor per parameter for the decayed gradient. In-place updates allocate none.",
